@@ -1,0 +1,1 @@
+"""The node: a supervisor process and the worker processes it controls."""

@@ -1,0 +1,221 @@
+"""Tiers, policy settings and their defaults, loaded from `makeway.toml`.
+
+Every tunable value has its default here, in one place; docs/configuration.md
+lists the same table for users. Validation is strict: an unknown key or an
+out-of-range value is a ConfigError naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from makeway.errors import ConfigError, UsageError
+
+CONFIG_FILE_NAME = "makeway.toml"
+CONFIG_ENV = "MAKEWAY_CONFIG"
+TIER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+PRIORITY_MIN = -1_000_000
+PRIORITY_MAX = 1_000_000
+
+INTERACTIVE_POOL = "interactive"
+BACKGROUND_POOL = "background"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierConfig(_Strict):
+    """Rules of one tier. A lower rank runs first and may preempt higher ranks."""
+
+    rank: int = Field(ge=0, le=1000)
+    pool: Literal["interactive", "background"] = BACKGROUND_POOL
+    preemptible: bool = True
+    # A job that has waited this long is dispatched before every job of its pool
+    # that has not, whatever the ranks and priorities.
+    max_wait_s: float = Field(default=3600.0, gt=0)
+    # Priority points a queued job gains per second of waiting (aging).
+    aging_per_s: float = Field(default=0.1, ge=0)
+    # Fraction of every min_share_period_s that the tier runs even while higher
+    # tiers keep it suspended, so that no tier starves.
+    min_share: float = Field(default=0.05, ge=0, lt=1)
+
+
+DEFAULT_TIERS: dict[str, TierConfig] = {
+    "interactive": TierConfig(rank=0, pool=INTERACTIVE_POOL, preemptible=False, max_wait_s=1.0, min_share=0.0),
+    "essential": TierConfig(rank=10, max_wait_s=60.0),
+    "opportunistic": TierConfig(rank=20, max_wait_s=600.0),
+    "bulk": TierConfig(rank=30, max_wait_s=3600.0),
+}
+
+
+class NodeConfig(_Strict):
+    """Process layout and timing of a node."""
+
+    # None means one per CPU core of the machine.
+    slots: int | None = Field(default=None, ge=1, le=4096)
+    interactive_workers: int | None = Field(default=None, ge=0, le=4096)
+    background_workers: int | None = Field(default=None, ge=0, le=4096)
+    poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    lease_s: float = Field(default=30.0, gt=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("heartbeat_s")
+    @classmethod
+    def _heartbeat_below_lease(cls, value: float, info: Any) -> float:
+        lease_s = info.data.get("lease_s")
+        if lease_s is not None and value > lease_s / 2:
+            raise ValueError(f"must be at most half of lease_s ({lease_s}) so one lost heartbeat does not expire a lease")
+        return value
+
+    def resolved_slots(self) -> int:
+        return self.slots or os.cpu_count() or 1
+
+    def resolved_interactive_workers(self) -> int:
+        return self.resolved_slots() if self.interactive_workers is None else self.interactive_workers
+
+    def resolved_background_workers(self) -> int:
+        return self.resolved_slots() if self.background_workers is None else self.background_workers
+
+
+class PolicyConfig(_Strict):
+    """How the supervisor preempts lower tiers for higher ones."""
+
+    # "tiers": per-tier pools with preemption. "fifo": one pool, first in first
+    # out, no preemption, no OS priority; the plain baseline the demo compares with.
+    scheduling: Literal["tiers", "fifo"] = "tiers"
+    # "all" stops every lower-tier worker while interactive work runs or waits;
+    # "as-needed" stops only as many as free the slots interactive work needs;
+    # "off" leaves preemption to OS priority alone.
+    suspend: Literal["all", "as-needed", "off"] = "all"
+    # How long interactive work must have drained before suspended workers resume.
+    suspend_hold_s: float = Field(default=0.005, ge=0, le=60)
+    min_share_period_s: float = Field(default=1.0, gt=0, le=3600)
+    background_nice: int = Field(default=19, ge=0, le=19)
+    background_ionice: Literal["idle", "best-effort", "none"] = "idle"
+
+
+class JobDefaults(_Strict):
+    """Defaults for jobs that their registration or submission does not set."""
+
+    default_tier: str = "bulk"
+    max_retries: int = Field(default=3, ge=0, le=1000)
+    retry_backoff_s: float = Field(default=1.0, ge=0)
+    retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    payload_limit_bytes: int = Field(default=1_048_576, ge=1)
+
+
+class Settings(_Strict):
+    """The whole of `makeway.toml`."""
+
+    store: str | None = None
+    node: NodeConfig = NodeConfig()
+    policy: PolicyConfig = PolicyConfig()
+    jobs: JobDefaults = JobDefaults()
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+
+    def tier(self, name: str) -> TierConfig:
+        """Return the tier called `name`, or raise UsageError listing the known tiers."""
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise UsageError(
+                f"tier {name!r} is unknown; use one of {sorted(self.tiers)} or define it under [tiers.{name}] in makeway.toml"
+            ) from None
+
+
+def validate_tier_name(name: object) -> str:
+    if not isinstance(name, str) or not TIER_NAME_PATTERN.match(name):
+        raise ConfigError(
+            f"tier name {name!r} is invalid; use 1 to 32 lowercase letters, digits, '-' or '_', starting with a letter"
+        )
+    return name
+
+
+def validate_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise UsageError(f"priority {priority!r} is invalid; pass an integer (higher runs first)")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise UsageError(f"priority {priority} is out of range; use an integer from {PRIORITY_MIN} to {PRIORITY_MAX}")
+    return priority
+
+
+def _merge_tiers(raw_tiers: Any) -> dict[str, Any]:
+    """Overlay the [tiers.*] tables on the default tiers, key by key."""
+    if not isinstance(raw_tiers, dict):
+        raise ConfigError(f"[tiers] must be a table of tier tables, got {raw_tiers!r}")
+    merged: dict[str, Any] = {name: tier.model_dump() for name, tier in DEFAULT_TIERS.items()}
+    for name, table in raw_tiers.items():
+        validate_tier_name(name)
+        if not isinstance(table, dict):
+            raise ConfigError(f"[tiers.{name}] must be a table, got {table!r}")
+        if name not in merged and "rank" not in table:
+            raise ConfigError(f"[tiers.{name}] is a new tier and needs a rank (0 runs first; bulk has 30)")
+        merged[name] = {**merged.get(name, {}), **table}
+    return merged
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        value = error.get("input")
+        lines.append(f"  {key} = {value!r}: {error['msg']}")
+    lines.append("Fix these keys; docs/configuration.md lists every key with its default.")
+    return "\n".join(lines)
+
+
+def settings_from_mapping(raw: dict[str, Any], source: str = "settings") -> Settings:
+    """Validate a parsed config mapping into Settings, raising ConfigError."""
+    raw = dict(raw)
+    if "tiers" in raw:
+        raw["tiers"] = _merge_tiers(raw["tiers"])
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+    if settings.jobs.default_tier not in settings.tiers:
+        raise ConfigError(
+            f"{source}: jobs.default_tier = {settings.jobs.default_tier!r} is not a tier; "
+            f"use one of {sorted(settings.tiers)}"
+        )
+    if not any(tier.pool == INTERACTIVE_POOL for tier in settings.tiers.values()):
+        raise ConfigError(f"{source}: no tier uses the interactive pool; keep the 'interactive' tier or set pool = 'interactive' on one")
+    return settings
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """Return the config file to read: `explicit`, then $MAKEWAY_CONFIG, then ./makeway.toml."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing path or leave it out")
+        return path
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={from_env!r} names no file; fix or unset it")
+        return path
+    path = Path.cwd() / CONFIG_FILE_NAME
+    return path if path.is_file() else None
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None) -> tuple[Settings, Path | None]:
+    """Load and validate settings; return them with the file they came from (or None)."""
+    path = find_config_file(config_path)
+    if path is None:
+        return Settings(), None
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}. Fix the syntax at that line.") from None
+    return settings_from_mapping(raw, source=str(path)), path

@@ -1,0 +1,72 @@
+"""Store URLs, their resolution, and opening a store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from makeway.errors import UsageError
+from makeway.store.base import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    Candidate,
+    Claim,
+    Event,
+    JobRecord,
+    JobState,
+    NewJob,
+    Outcome,
+    Store,
+)
+
+logger = logging.getLogger(__name__)
+
+STORE_ENV = "MAKEWAY_STORE"
+DEFAULT_STORE_URL = "sqlite:///makeway.db"
+
+__all__ = [
+    "ACTIVE_STATES", "FINAL_STATES", "Candidate", "Claim", "Event", "JobRecord", "JobState",
+    "NewJob", "Outcome", "Store", "open_store", "resolve_store_url", "sqlite_path",
+]
+
+
+def resolve_store_url(explicit: str | None, config_store: str | None) -> str:
+    """Pick the store URL: an explicit one (--store or App(...)), then $MAKEWAY_STORE, then the config file, then ./makeway.db."""
+    for candidate in (explicit, os.environ.get(STORE_ENV), config_store):
+        if candidate:
+            return candidate
+    return DEFAULT_STORE_URL
+
+
+def sqlite_path(url: str) -> Path:
+    """Return the absolute database path of a `sqlite:///` URL.
+
+    `sqlite:///relative.db` is relative to the working directory and
+    `sqlite:////absolute.db` is absolute, as in SQLAlchemy's URLs.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise UsageError(
+            f"store URL {url!r} is invalid; use sqlite:///relative.db, sqlite:////absolute/path.db "
+            "or postgresql://user@host/dbname"
+        )
+    return Path(url[len(prefix):]).resolve()
+
+
+def open_store(url: str) -> Store:
+    """Open (and migrate) the store at `url`, logging where it is."""
+    if url.startswith("sqlite:"):
+        from makeway.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(sqlite_path(url))
+        logger.info("Using store %s", store.url)
+        return store
+    if url.startswith(("postgresql:", "postgres:")):
+        raise UsageError(
+            f"store URL {url!r}: the PostgreSQL store is not available in this release; use a sqlite:/// URL"
+        )
+    raise UsageError(
+        f"store URL {url!r} has an unknown scheme; use sqlite:///relative.db, sqlite:////absolute/path.db "
+        "or postgresql://user@host/dbname"
+    )

@@ -1,0 +1,166 @@
+"""The Store protocol and the records that cross it.
+
+A store persists jobs, leases and events. Every write that concerns a running
+job is fenced by its attempt number: the store applies it only while the row's
+attempt still equals the writer's, so a worker that lost its lease can never
+overwrite a newer attempt.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+class JobState(str, enum.Enum):
+    """The six job states. Why a transition happened is an event's reason."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.SUSPENDED})
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job as a client submits it, before the store gives it a row."""
+
+    id: str
+    name: str
+    tier: str
+    tier_rank: int
+    priority: int
+    payload: bytes
+    serializer: str
+    max_retries: int
+    not_before: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job row as the store holds it."""
+
+    id: str
+    name: str
+    tier: str
+    tier_rank: int
+    priority: int
+    state: JobState
+    payload: bytes
+    serializer: str
+    attempt: int
+    failures: int
+    max_retries: int
+    not_before: float
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    lease_expires_at: float | None
+    node_id: str | None
+    worker_pid: int | None
+    result: bytes | None
+    error: str | None
+    traceback: str | None
+    metadata: dict[str, Any]
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A queued job the scheduler may claim, with what ranking needs."""
+
+    id: str
+    name: str
+    tier: str
+    tier_rank: int
+    priority: int
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this node now holds a lease on, at `attempt`."""
+
+    id: str
+    name: str
+    tier: str
+    priority: int
+    attempt: int
+    payload: bytes
+    serializer: str
+    submitted_at: float
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One state transition of a job."""
+
+    job_id: str
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str
+    node_id: str | None
+    attempt: int
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the store did with a failed attempt: retried, or failed for good."""
+
+    state: JobState
+    applied: bool
+
+
+class Store(Protocol):
+    """What the runtime needs from a store. SQLite and PostgreSQL implement it."""
+
+    url: str
+
+    def close(self) -> None: ...
+
+    def submit(self, jobs: Sequence[NewJob]) -> list[str]: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def candidates(self, tiers: Sequence[str], names: Sequence[str], now: float, limit: int) -> list[Candidate]: ...
+
+    def claim(self, job_id: str, node_id: str, worker_pid: int, lease_expires_at: float, now: float) -> Claim | None: ...
+
+    def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool: ...
+
+    def fail(
+        self, job_id: str, attempt: int, error: str, traceback: str | None, reason: str,
+        retry_at: float | None, node_id: str, now: float,
+    ) -> Outcome: ...
+
+    def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float) -> bool: ...
+
+    def set_suspended(self, jobs: Sequence[tuple[str, int]], suspended: bool, reason: str, node_id: str, now: float) -> int: ...
+
+    def renew_leases(self, jobs: Sequence[tuple[str, int]], lease_expires_at: float) -> list[tuple[str, int]]: ...
+
+    def requeue_expired(self, now: float, node_id: str) -> list[str]: ...
+
+    def cancel_queued(self, job_id: str, now: float, reason: str) -> JobState: ...
+
+    def events(self, job_id: str | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def counts(self) -> dict[tuple[str, str], int]: ...
+
+    def active_jobs(self) -> list[JobRecord]: ...

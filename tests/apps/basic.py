@@ -1,0 +1,71 @@
+"""Job functions the node tests run in real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from makeway import App
+
+app = App()
+
+
+@app.job(tier="interactive")
+def add(a, b):
+    return a + b
+
+
+@app.job(tier="interactive")
+def interactive_sleep(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@app.job(tier="interactive")
+async def async_add(a, b):
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+@app.job(tier="bulk")
+def spin(seconds):
+    """Burn CPU for `seconds` of CPU time; return the worker pid."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return os.getpid()
+
+
+@app.job(tier="bulk")
+def record_start(path, label, seconds=0.0):
+    with open(path, "a") as out:
+        out.write(f"{label} {time.time()}\n")
+    time.sleep(seconds)
+    return label
+
+
+@app.job(tier="bulk", max_retries=0)
+def explode(message):
+    raise RuntimeError(message)
+
+
+@app.job(tier="bulk", max_retries=2)
+def kill_self_first_attempt(marker):
+    """Die by SIGKILL on the first attempt, succeed afterwards."""
+    marker = Path(marker)
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)
+    return "survived"
+
+
+@app.job(tier="bulk")
+def wait_for_file(path, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return os.getpid()
