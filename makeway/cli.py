@@ -16,7 +16,7 @@ from rich.table import Table
 from makeway.errors import MakewayError, UsageError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="makeway: run jobs in tiers and keep interactive work fast.")
-console = Console()
+console = Console(width=max(Console().width, 110))
 error_console = Console(stderr=True)
 
 STORE_HELP = "Store URL, e.g. sqlite:///makeway.db. Default: $MAKEWAY_STORE, then `store` in makeway.toml, then ./makeway.db."

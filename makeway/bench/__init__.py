@@ -1,0 +1,1 @@
+"""Workload generation and measurement shared by the demo and the benchmarks."""

@@ -1,0 +1,1 @@
+"""`makeway demo`: real work on this machine's Python standard library."""
