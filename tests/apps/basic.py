@@ -69,3 +69,43 @@ def wait_for_file(path, timeout_s=60):
             raise TimeoutError(path)
         time.sleep(0.01)
     return os.getpid()
+
+
+@app.job(tier="interactive")
+def interactive_compute(milliseconds):
+    """Burn `milliseconds` of CPU time, as a short interactive request would."""
+    start = time.process_time()
+    while time.process_time() - start < milliseconds / 1000:
+        pass
+    return milliseconds
+
+
+@app.job(tier="essential")
+def essential_spin(seconds):
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return os.getpid()
+
+
+def _max_gap_while_busy(seconds):
+    """Busy-loop for `seconds` of wall time; return the longest gap between two clock reads."""
+    end = time.monotonic() + seconds
+    last = time.monotonic()
+    max_gap = 0.0
+    while last < end:
+        now = time.monotonic()
+        max_gap = max(max_gap, now - last)
+        last = now
+    return max_gap
+
+
+@app.job(tier="bulk")
+def critical_probe(rounds, section_s, ctx):
+    """Alternate critical and plain stretches; return the longest stall seen in each kind."""
+    inside = outside = 0.0
+    for _ in range(rounds):
+        with ctx.critical():
+            inside = max(inside, _max_gap_while_busy(section_s))
+        outside = max(outside, _max_gap_while_busy(section_s))
+    return {"inside": inside, "outside": outside}

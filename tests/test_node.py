@@ -1,0 +1,232 @@
+"""A real node: worker processes, signals and the store, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from makeway import JobFailed, JobState
+from tests.apps import basic
+from tests.conftest import REPO_ROOT, cpu_seconds, node_log, wait_until, worker_pids
+
+
+def states_of(app, handles):
+    return [app.store.get(handle.id).state for handle in handles]
+
+
+def reasons_of(app, handle):
+    return [event.reason for event in app.store.events(handle.id)]
+
+
+def test_result_round_trip(app, start_node):
+    start_node()
+
+    assert basic.add.submit(2, 3).result(timeout=20) == 5
+    assert basic.async_add.submit(4, 5).result(timeout=20) == 9
+
+
+def test_submit_and_result_across_processes(app, store_url, start_node):
+    start_node()
+    script = (
+        "from tests.apps.basic import app, add\n"
+        f"app.use_store({store_url!r})\n"
+        "print(add.submit(20, 22).id)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    job_id = output.stdout.strip()
+
+    assert app.handle(job_id).result(timeout=20) == 42
+    assert app.handle(job_id).status() is JobState.SUCCEEDED
+
+
+def test_failed_job_carries_remote_traceback(app, start_node):
+    start_node()
+
+    with pytest.raises(JobFailed) as caught:
+        basic.explode.submit("boom").result(timeout=20)
+
+    assert "RuntimeError: boom" in str(caught.value)
+    assert "in explode" in caught.value.remote_traceback
+
+
+def test_result_timeout_leaves_job_running(app, tmp_path, start_node):
+    start_node()
+    gate = tmp_path / "gate"
+    handle = basic.wait_for_file.submit(str(gate))
+
+    with pytest.raises(TimeoutError):
+        handle.result(timeout=0.2)
+    gate.write_text("go")
+
+    assert isinstance(handle.result(timeout=20), int)
+
+
+def test_suspended_worker_uses_no_cpu(app, start_node):
+    start_node()
+    bulk = [basic.spin.submit(3.0) for _ in range(2)]
+    wait_until(lambda: all(state is JobState.RUNNING for state in states_of(app, bulk)), message="bulk jobs running")
+    pids = [app.store.get(handle.id).worker_pid for handle in bulk]
+
+    interactive = basic.interactive_sleep.submit(2.0)
+    wait_until(lambda: all(state is JobState.SUSPENDED for state in states_of(app, bulk)), message="bulk jobs suspended")
+    before = [cpu_seconds(pid) for pid in pids]
+    time.sleep(0.5)
+    after = [cpu_seconds(pid) for pid in pids]
+
+    assert [psutil.Process(pid).status() for pid in pids] == [psutil.STATUS_STOPPED] * 2
+    assert all(end - start < 0.02 for start, end in zip(before, after)), (before, after)
+    assert isinstance(interactive.result(timeout=20), int)
+    assert [handle.result(timeout=30) for handle in bulk] == pids
+    for handle in bulk:
+        reasons = reasons_of(app, handle)
+        assert "preempted" in reasons
+        assert "resumed" in reasons
+        assert app.store.get(handle.id).attempt == 1
+
+
+def test_killed_worker_job_requeued(app, tmp_path, start_node):
+    node = start_node()
+    workers_before = len(worker_pids(node))
+    marker = tmp_path / "first-attempt"
+
+    handle = basic.kill_self_first_attempt.submit(str(marker))
+
+    assert handle.result(timeout=30) == "survived"
+    record = app.store.get(handle.id)
+    assert record.attempt == 2
+    assert "worker_lost" in reasons_of(app, handle)
+    assert int(marker.read_text()) != record.worker_pid
+    wait_until(lambda: len(worker_pids(node)) == workers_before, message="replacement worker")
+
+
+def test_critical_section_never_suspended(app, start_node):
+    start_node()
+    probe = basic.critical_probe.submit(8, 0.25)
+    wait_until(lambda: app.store.get(probe.id).state is JobState.RUNNING, message="probe running")
+
+    # Interactive work that keeps arriving makes the supervisor try to
+    # suspend the probe in and out of its critical sections.
+    while app.store.get(probe.id).state in (JobState.RUNNING, JobState.SUSPENDED):
+        basic.interactive_sleep.submit(0.3).result(timeout=20)
+    gaps = probe.result(timeout=30)
+
+    assert gaps["inside"] < 0.2, gaps
+    assert gaps["outside"] >= 0.2, gaps
+
+
+def test_min_share_keeps_bulk_progressing(app, start_node):
+    start_node("[policy]\nmin_share_period_s = 1.0\n")
+    bulk = basic.spin.submit(30.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.RUNNING, message="bulk job running")
+    pid = app.store.get(bulk.id).worker_pid
+
+    interactive = basic.interactive_sleep.submit(4.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.SUSPENDED, message="bulk job suspended")
+    before = cpu_seconds(pid)
+    time.sleep(3.0)
+    used = cpu_seconds(pid) - before
+    interactive.result(timeout=20)
+
+    # The default min_share is 5 % of each second: about 0.15 s of CPU in 3 s.
+    assert used >= 0.05, used
+    assert used <= 1.0, used
+
+
+def test_as_needed_suspends_only_what_interactive_needs(app, start_node):
+    start_node("[policy]\nsuspend = 'as-needed'\n[node]\nslots = 2\n")
+    bulk = [basic.spin.submit(3.0) for _ in range(2)]
+    wait_until(lambda: all(state is JobState.RUNNING for state in states_of(app, bulk)), message="bulk jobs running")
+
+    interactive = basic.interactive_sleep.submit(1.5)
+    wait_until(lambda: JobState.SUSPENDED in states_of(app, bulk), message="one bulk job suspended")
+    time.sleep(0.3)
+
+    assert sorted(state.value for state in states_of(app, bulk)) == ["running", "suspended"]
+    interactive.result(timeout=20)
+    for handle in bulk:
+        handle.result(timeout=30)
+
+
+def test_node_stops_on_sigterm(app, start_node, tmp_path):
+    node = start_node("[node]\nshutdown_grace_s = 0.5\n")
+    pids = worker_pids(node)
+    handle = basic.spin.submit(30.0)
+    wait_until(lambda: app.store.get(handle.id).state is JobState.RUNNING, message="job running")
+
+    exit_code = node.stop(timeout_s=20)
+
+    assert exit_code == 0
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    record = app.store.get(handle.id)
+    assert record.state is JobState.QUEUED
+    assert reasons_of(app, handle)[-1] == "shutdown"
+    assert record.failures == 0
+    assert "Node stopped" in node_log(tmp_path)
+
+
+def test_node_logs_resolved_store(app, start_node, tmp_path, store_url):
+    start_node()
+
+    assert f"Using store {store_url}" in node_log(tmp_path)
+
+
+def test_status_lists_suspended_worker(app, start_node, store_url):
+    start_node()
+    bulk = basic.spin.submit(3.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.RUNNING, message="bulk job running")
+    interactive = basic.interactive_sleep.submit(1.5)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.SUSPENDED, message="bulk job suspended")
+
+    output = subprocess.run([sys.executable, "-m", "makeway", "status", "--json", "--store", store_url],
+                            capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    status = json.loads(output.stdout)
+
+    suspended = [job for job in status["active"] if job["state"] == "suspended"]
+    assert [job["id"] for job in suspended] == [bulk.id]
+    assert {"tier": "bulk", "state": "suspended", "jobs": 1} in status["counts"]
+    interactive.result(timeout=20)
+
+
+def test_cli_submit_waits_for_result(app, start_node, store_url):
+    start_node()
+    output = subprocess.run(
+        [sys.executable, "-m", "makeway", "submit", "tests.apps.basic:add", "40", "2", "--app", "tests.apps.basic:app",
+         "--store", store_url, "--wait", "--timeout", "20"],
+        capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+
+    assert output.returncode == 0, output.stderr
+    job_id, result = output.stdout.split()
+    assert result == "42"
+    assert app.handle(job_id).status() is JobState.SUCCEEDED
+
+
+def test_pickled_payload_rejected_by_node(app, start_node, tmp_path):
+    import pickle
+    import uuid
+
+    from makeway.store import NewJob
+
+    class Plant:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "planted"), "w"))
+
+    start_node()
+    job_id = str(uuid.uuid4())
+    app.store.submit([NewJob(id=job_id, name="tests.apps.basic:add", tier="interactive", tier_rank=0, priority=0,
+                             payload=pickle.dumps(Plant()), serializer="pickle", max_retries=3, not_before=0.0)])
+    app._wake_nodes()
+
+    with pytest.raises(JobFailed) as caught:
+        app.handle(job_id).result(timeout=20)
+
+    assert "invalid payload" in str(caught.value)
+    assert not (tmp_path / "planted").exists()
+    assert app.store.get(job_id).attempt == 1
