@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import logging
 import os
 import time
@@ -235,8 +236,8 @@ class BoundJobFunction:
         tier = app.settings.tier(tier_name)
         priority = function.priority if opts.priority is None else validate_priority(opts.priority)
         max_retries = function.max_retries if opts.max_retries is None else _validate_retries(opts.max_retries)
-        if isinstance(opts.delay_s, bool) or not isinstance(opts.delay_s, (int, float)) or opts.delay_s < 0:
-            raise UsageError(f"delay_s {opts.delay_s!r} is invalid; pass a number of seconds >= 0")
+        if isinstance(opts.delay_s, bool) or not isinstance(opts.delay_s, (int, float)) or not 0 <= opts.delay_s < math.inf:
+            raise UsageError(f"delay_s {opts.delay_s!r} is invalid; pass a finite number of seconds >= 0")
         if not isinstance(opts.metadata, dict):
             raise UsageError(f"metadata {opts.metadata!r} is invalid; pass a dict of JSON values")
         encode(opts.metadata, JSON, what="metadata", limit_bytes=app.settings.jobs.payload_limit_bytes)

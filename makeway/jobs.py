@@ -102,8 +102,7 @@ class JobHandle:
         A job that is running, or already ended, is left alone and False is
         returned. NOTE: cancelling a running job is not supported yet.
         """
-        state = self.app.store.cancel_queued(self.id, time.time(), reason="cancelled_by_user")
-        return state is JobState.CANCELLED
+        return self.app.store.cancel_queued(self.id, time.time(), reason="cancelled_by_user").applied
 
 
 def _wait_readable(listener: Listener, timeout_s: float) -> None:

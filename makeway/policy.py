@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from makeway.errors import ConfigError, UsageError
 
@@ -67,13 +67,14 @@ class NodeConfig(_Strict):
     heartbeat_s: float = Field(default=10.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
-    @field_validator("heartbeat_s")
-    @classmethod
-    def _heartbeat_below_lease(cls, value: float, info: Any) -> float:
-        lease_s = info.data.get("lease_s")
-        if lease_s is not None and value > lease_s / 2:
-            raise ValueError(f"must be at most half of lease_s ({lease_s}) so one lost heartbeat does not expire a lease")
-        return value
+    @model_validator(mode="after")
+    def _heartbeat_below_lease(self) -> NodeConfig:
+        if self.heartbeat_s > self.lease_s / 2:
+            raise ValueError(
+                f"node.heartbeat_s = {self.heartbeat_s} must be at most half of node.lease_s = {self.lease_s}, "
+                "so one late heartbeat does not expire a lease; lower heartbeat_s or raise lease_s"
+            )
+        return self
 
     def resolved_slots(self) -> int:
         return self.slots or os.cpu_count() or 1

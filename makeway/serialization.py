@@ -50,7 +50,12 @@ def encode(value: Any, serializer: str, *, what: str, limit_bytes: int) -> bytes
     Raises PayloadError naming the offending part of `what`.
     """
     if serializer == JSON:
-        bad_path = _find_unencodable(value, what)
+        try:
+            bad_path = _find_unencodable(value, what)
+        except RecursionError:
+            raise PayloadError(
+                f"{what} nests too deeply or contains itself, so it cannot be encoded as JSON; pass a flat copy"
+            ) from None
         if bad_path is not None:
             raise PayloadError(
                 f"{bad_path} cannot be encoded as JSON. Pass str, int, float, bool, None, "

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from makeway.errors import StoreError
+from makeway.errors import StoreError, UnknownJobError, UsageError
 from makeway.store.base import Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome
 
 BUSY_TIMEOUT_S = 30.0
@@ -172,6 +172,11 @@ class SQLiteStore:
                     if row:
                         ids.append(row[0])
                         continue
+                if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job.id,)).fetchone():
+                    raise UsageError(
+                        f"job_id {job.id!r} is already in the store; pass a new id, or an idempotency_key "
+                        "to make a repeated submission return the first job"
+                    )
                 db.execute(
                     "INSERT INTO jobs (id, name, tier, tier_rank, priority, state, payload, serializer, "
                     "max_retries, not_before, submitted_at, updated_at, metadata, idempotency_key) "
@@ -187,21 +192,21 @@ class SQLiteStore:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _record(rows[0]) if rows else None
 
-    def cancel_queued(self, job_id: str, now: float, reason: str) -> JobState:
-        """Cancel `job_id` if it is queued; return the state it is in afterwards."""
+    def cancel_queued(self, job_id: str, now: float, reason: str) -> Outcome:
+        """Cancel `job_id` if it is queued; `applied` says whether this call cancelled it."""
         with self._write() as db:
             row = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
-                raise KeyError(job_id)
+                raise UnknownJobError(f"job {job_id!r} is not in the store {self.url}; check the id and the store URL")
             state, attempt = JobState(row[0]), row[1]
             if state is not JobState.QUEUED:
-                return state
+                return Outcome(state, applied=False)
             db.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
                 (now, now, f"cancelled: {reason}", job_id),
             )
             self._event(db, job_id, now, state.value, JobState.CANCELLED.value, reason, None, attempt)
-            return JobState.CANCELLED
+            return Outcome(JobState.CANCELLED, applied=True)
 
     # -- nodes ------------------------------------------------------------
 
@@ -248,14 +253,18 @@ class SQLiteStore:
     def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool:
         """Record success; False (nothing written) if `attempt` is stale."""
         with self._write() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?, "
-                "lease_expires_at = NULL WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
-                (result, now, now, job_id, attempt),
-            )
-            if cursor.rowcount == 0:
+            row = db.execute(
+                "SELECT state FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+                (job_id, attempt),
+            ).fetchone()
+            if row is None:
                 return False
-            self._event(db, job_id, now, JobState.RUNNING.value, JobState.SUCCEEDED.value, "completed", node_id, attempt)
+            db.execute(
+                "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?, "
+                "lease_expires_at = NULL WHERE id = ?",
+                (result, now, now, job_id),
+            )
+            self._event(db, job_id, now, row[0], JobState.SUCCEEDED.value, "completed", node_id, attempt)
             return True
 
     def fail(

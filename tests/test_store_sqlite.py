@@ -1,0 +1,599 @@
+"""Unit tests of the SQLite store against real database files in tmp_path."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from makeway.errors import MakewayError, StoreError
+from makeway.store import JobState, NewJob, open_store
+from makeway.store.sqlite import MIGRATIONS
+
+NODE = "node-a"
+NAME = "tests.jobs:work"
+
+
+def new_job(job_id, *, name=NAME, tier="bulk", tier_rank=30, priority=0, not_before=0.0,
+            idempotency_key=None, max_retries=3, payload=b'{"args":[],"kwargs":{}}'):
+    return NewJob(
+        id=job_id,
+        name=name,
+        tier=tier,
+        tier_rank=tier_rank,
+        priority=priority,
+        payload=payload,
+        serializer="json",
+        max_retries=max_retries,
+        not_before=not_before,
+        metadata={"origin": "test"},
+        idempotency_key=idempotency_key,
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+def store(db_path):
+    opened = open_store("sqlite:///" + str(db_path))
+    yield opened
+    opened.close()
+
+
+def claim(store, job_id, *, now=1000.0, lease_expires_at=None):
+    lease = now + 30.0 if lease_expires_at is None else lease_expires_at
+    return store.claim(job_id, NODE, 4242, lease, now)
+
+
+def candidate_ids(store, tiers=("bulk",), names=(NAME,), now=None, limit=10):
+    moment = time.time() + 1.0 if now is None else now
+    return [candidate.id for candidate in store.candidates(list(tiers), list(names), moment, limit)]
+
+
+# -- schema ---------------------------------------------------------------
+
+
+def test_schema_version_is_latest(store):
+    assert store.schema_version() == len(MIGRATIONS)
+
+
+def test_schema_version_table_has_one_row(store, db_path):
+    with sqlite3.connect(db_path) as raw:
+        rows = raw.execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(len(MIGRATIONS),)]
+
+
+def test_reopen_keeps_version_and_jobs(store, db_path):
+    store.submit([new_job("a")])
+    store.close()
+
+    reopened = open_store("sqlite:///" + str(db_path))
+    try:
+        assert reopened.schema_version() == len(MIGRATIONS)
+        assert reopened.get("a") is not None
+        assert reopened.events("a")[0].reason == "submitted"
+        with sqlite3.connect(db_path) as raw:
+            version_rows = raw.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0]
+        assert version_rows == 1
+    finally:
+        reopened.close()
+
+
+def test_reopen_twice_is_idempotent(store, db_path):
+    store.close()
+    for _ in range(2):
+        open_store("sqlite:///" + str(db_path)).close()
+
+    reopened = open_store("sqlite:///" + str(db_path))
+    try:
+        assert reopened.schema_version() == len(MIGRATIONS)
+        assert reopened.submit([new_job("after-reopen")]) == ["after-reopen"]
+    finally:
+        reopened.close()
+
+
+def test_open_newer_schema_raises(store, db_path):
+    store.close()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS) + 1,))
+
+    with pytest.raises(StoreError, match="newer than this makeway"):
+        open_store("sqlite:///" + str(db_path))
+
+
+# -- submit and get -------------------------------------------------------
+
+
+def test_submit_get_round_trip(store):
+    before = time.time()
+    ids = store.submit([new_job("a", priority=7, not_before=123.5, max_retries=2)])
+    after = time.time()
+    record = store.get("a")
+
+    assert ids == ["a"]
+    assert record.name == NAME
+    assert record.tier == "bulk"
+    assert record.tier_rank == 30
+    assert record.priority == 7
+    assert record.state is JobState.QUEUED
+    assert record.payload == b'{"args":[],"kwargs":{}}'
+    assert record.serializer == "json"
+    assert record.attempt == 0
+    assert record.failures == 0
+    assert record.max_retries == 2
+    assert record.not_before == 123.5
+    assert before <= record.submitted_at <= after
+    assert record.started_at is None
+    assert record.lease_expires_at is None
+    assert record.metadata == {"origin": "test"}
+    assert record.idempotency_key is None
+
+
+def test_get_unknown_returns_none(store):
+    assert store.get("missing") is None
+
+
+def test_submit_batch_returns_ids_in_order(store):
+    assert store.submit([new_job("a"), new_job("b"), new_job("c")]) == ["a", "b", "c"]
+
+
+def test_submit_batch_is_one_transaction(store):
+    store.submit([new_job("first", priority=1)])
+
+    with pytest.raises((sqlite3.IntegrityError, MakewayError)):
+        store.submit([new_job("b"), new_job("first", priority=99), new_job("c")])
+
+    assert store.get("b") is None
+    assert store.get("c") is None
+    assert store.get("first").priority == 1
+    assert len(store.events("first")) == 1
+    assert store.events("b") == []
+
+
+def test_store_usable_after_failed_batch(store):
+    store.submit([new_job("first")])
+    with pytest.raises((sqlite3.IntegrityError, MakewayError)):
+        store.submit([new_job("first")])
+
+    assert store.submit([new_job("second")]) == ["second"]
+    assert store.get("second") is not None
+
+
+def test_idempotency_key_returns_first_id(store):
+    first = store.submit([new_job("a", idempotency_key="order-17")])
+    second = store.submit([new_job("b", idempotency_key="order-17")])
+
+    assert first == ["a"]
+    assert second == ["a"]
+    assert store.get("b") is None
+
+
+def test_idempotency_key_inside_one_batch(store):
+    ids = store.submit([new_job("a", idempotency_key="k"), new_job("b", idempotency_key="k")])
+
+    assert ids == ["a", "a"]
+    assert store.get("b") is None
+
+
+# -- candidates -----------------------------------------------------------
+
+
+def test_candidates_order(store):
+    store.submit([new_job("bulk-low", priority=0)])
+    store.submit([new_job("bulk-high", priority=5)])
+    store.submit([new_job("essential", tier="essential", tier_rank=10, priority=-5)])
+    store.submit([new_job("bulk-low-later", priority=0)])
+
+    ids = candidate_ids(store, tiers=("bulk", "essential"))
+
+    assert ids == ["essential", "bulk-high", "bulk-low", "bulk-low-later"]
+
+
+def test_candidates_only_queued(store):
+    store.submit([new_job("queued"), new_job("running"), new_job("cancelled")])
+    claim(store, "running")
+    store.cancel_queued("cancelled", 1000.0, "test")
+
+    assert candidate_ids(store) == ["queued"]
+
+
+def test_candidates_only_listed_tiers(store):
+    store.submit([new_job("bulk"), new_job("essential", tier="essential", tier_rank=10)])
+
+    assert candidate_ids(store, tiers=("bulk",)) == ["bulk"]
+
+
+def test_candidates_only_registered_names(store):
+    store.submit([new_job("known"), new_job("unknown", name="other:fn")])
+
+    assert candidate_ids(store, names=(NAME,)) == ["known"]
+
+
+def test_candidates_exclude_future_not_before(store):
+    store.submit([new_job("due", not_before=999.0), new_job("later", not_before=1001.0)])
+
+    assert candidate_ids(store, now=1000.0) == ["due"]
+
+
+def test_candidates_empty_inputs(store):
+    store.submit([new_job("a")])
+
+    assert candidate_ids(store, tiers=()) == []
+    assert candidate_ids(store, names=()) == []
+    assert candidate_ids(store, limit=0) == []
+
+
+def test_candidates_include_oldest_job(store):
+    store.submit([new_job("old-low", priority=-100)])
+    for index in range(5):
+        store.submit([new_job(f"new-high-{index}", priority=50)])
+
+    ids = candidate_ids(store, limit=2)
+
+    assert ids[:2] == ["new-high-0", "new-high-1"]
+    assert "old-low" in ids
+
+
+# -- claim ----------------------------------------------------------------
+
+
+def test_claim_raises_attempt(store):
+    store.submit([new_job("a")])
+
+    first = claim(store, "a", now=1000.0)
+    store.requeue("a", first.attempt, "yielded", NODE, 1001.0)
+    second = claim(store, "a", now=1002.0)
+
+    assert first.attempt == 1
+    assert second.attempt == 2
+    assert store.get("a").attempt == 2
+
+
+def test_claim_sets_running(store):
+    store.submit([new_job("a")])
+
+    result = claim(store, "a", now=1000.0, lease_expires_at=1030.0)
+    record = store.get("a")
+
+    assert result.id == "a"
+    assert result.started_at == 1000.0
+    assert record.state is JobState.RUNNING
+    assert record.node_id == NODE
+    assert record.worker_pid == 4242
+    assert record.lease_expires_at == 1030.0
+    assert record.started_at == 1000.0
+
+
+def test_claim_twice_returns_none(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+
+    assert claim(store, "a") is None
+    assert store.get("a").attempt == 1
+    assert [event.reason for event in store.events("a")] == ["submitted", "claimed"]
+
+
+def test_claim_unknown_returns_none(store):
+    assert claim(store, "missing") is None
+
+
+# -- attempt fencing ------------------------------------------------------
+
+
+@pytest.fixture
+def stale(store):
+    """Claim job "a" twice and return ("a", 1), its stale attempt."""
+    store.submit([new_job("a")])
+    claim(store, "a", now=1000.0)
+    store.requeue("a", 1, "worker_lost", NODE, 1001.0)
+    claim(store, "a", now=1002.0, lease_expires_at=1032.0)
+    return "a", 1
+
+
+def test_complete_stale_attempt_ignored(store, stale):
+    job_id, attempt = stale
+
+    assert store.complete(job_id, attempt, b'"late"', NODE, 1003.0) is False
+    assert store.get(job_id).state is JobState.RUNNING
+    assert store.get(job_id).result is None
+
+
+def test_complete_current_attempt(store, stale):
+    job_id, _ = stale
+
+    assert store.complete(job_id, 2, b'"done"', NODE, 1003.0) is True
+    assert store.get(job_id).state is JobState.SUCCEEDED
+    assert store.get(job_id).result == b'"done"'
+    assert store.get(job_id).finished_at == 1003.0
+    assert store.get(job_id).lease_expires_at is None
+
+
+def test_fail_stale_attempt_ignored(store, stale):
+    job_id, attempt = stale
+
+    outcome = store.fail(job_id, attempt, "boom", None, "raised", 2000.0, NODE, 1003.0)
+
+    assert outcome.applied is False
+    assert outcome.state is JobState.RUNNING
+    assert store.get(job_id).failures == 0
+    assert store.get(job_id).error is None
+
+
+def test_requeue_stale_attempt_ignored(store, stale):
+    job_id, attempt = stale
+
+    assert store.requeue(job_id, attempt, "yielded", NODE, 1003.0) is False
+    assert store.get(job_id).state is JobState.RUNNING
+
+
+def test_set_suspended_stale_attempt_ignored(store, stale):
+    job_id, attempt = stale
+
+    assert store.set_suspended([(job_id, attempt)], True, "preempted", NODE, 1003.0) == 0
+    assert store.get(job_id).state is JobState.RUNNING
+
+
+def test_set_suspended_and_resume(store, stale):
+    job_id, _ = stale
+
+    suspended = store.set_suspended([(job_id, 2)], True, "preempted", NODE, 1003.0)
+    state_while_suspended = store.get(job_id).state
+    resumed = store.set_suspended([(job_id, 2)], False, "resumed", NODE, 1004.0)
+
+    assert suspended == 1
+    assert state_while_suspended is JobState.SUSPENDED
+    assert resumed == 1
+    assert store.get(job_id).state is JobState.RUNNING
+
+
+def test_renew_leases_stale_attempt_lost(store, stale):
+    job_id, attempt = stale
+
+    lost = store.renew_leases([(job_id, attempt)], 5000.0)
+
+    assert lost == [(job_id, attempt)]
+    assert store.get(job_id).lease_expires_at == 1032.0
+
+
+def test_renew_leases_current_attempt(store, stale):
+    job_id, _ = stale
+
+    lost = store.renew_leases([(job_id, 2)], 5000.0)
+
+    assert lost == []
+    assert store.get(job_id).lease_expires_at == 5000.0
+
+
+def test_renew_leases_empty(store):
+    assert store.renew_leases([], 5000.0) == []
+
+
+# -- fail and retries -----------------------------------------------------
+
+
+def test_fail_retries_then_fails(store):
+    store.submit([new_job("a", max_retries=2)])
+    outcomes = []
+    for attempt in (1, 2, 3):
+        claim(store, "a", now=1000.0 + attempt)
+        outcomes.append(store.fail("a", attempt, f"boom {attempt}", "tb", "raised", 2000.0 + attempt, NODE, 1000.5 + attempt))
+
+    assert [outcome.state for outcome in outcomes] == [JobState.QUEUED, JobState.QUEUED, JobState.FAILED]
+    assert all(outcome.applied for outcome in outcomes)
+    assert store.get("a").state is JobState.FAILED
+    assert store.get("a").failures == 3
+    assert store.get("a").error == "boom 3"
+    assert store.get("a").traceback == "tb"
+
+
+def test_fail_retry_sets_not_before(store):
+    store.submit([new_job("a", max_retries=1)])
+    claim(store, "a")
+
+    outcome = store.fail("a", 1, "boom", None, "raised", 2500.0, NODE, 1001.0)
+    record = store.get("a")
+
+    assert outcome.state is JobState.QUEUED
+    assert record.state is JobState.QUEUED
+    assert record.not_before == 2500.0
+    assert record.failures == 1
+    assert record.node_id is None
+    assert record.lease_expires_at is None
+
+
+def test_fail_without_retry_at_fails_at_once(store):
+    store.submit([new_job("a", max_retries=5)])
+    claim(store, "a")
+
+    outcome = store.fail("a", 1, "cannot decode", None, "invalid_payload", None, NODE, 1001.0)
+
+    assert outcome.state is JobState.FAILED
+    assert outcome.applied is True
+    assert store.get("a").state is JobState.FAILED
+    assert store.get("a").failures == 1
+
+
+def test_fail_zero_retries_fails_at_once(store):
+    store.submit([new_job("a", max_retries=0)])
+    claim(store, "a")
+
+    outcome = store.fail("a", 1, "boom", None, "raised", 2000.0, NODE, 1001.0)
+
+    assert outcome.state is JobState.FAILED
+
+
+# -- requeue_expired ------------------------------------------------------
+
+
+def test_requeue_expired_only_expired(store):
+    store.submit([new_job("expired"), new_job("live"), new_job("suspended-expired")])
+    claim(store, "expired", lease_expires_at=1100.0)
+    claim(store, "live", lease_expires_at=1300.0)
+    claim(store, "suspended-expired", lease_expires_at=1100.0)
+    store.set_suspended([("suspended-expired", 1)], True, "preempted", NODE, 1050.0)
+
+    requeued = store.requeue_expired(1200.0, "node-b")
+
+    assert sorted(requeued) == ["expired", "suspended-expired"]
+    assert store.get("expired").state is JobState.QUEUED
+    assert store.get("suspended-expired").state is JobState.QUEUED
+    assert store.get("live").state is JobState.RUNNING
+    assert store.get("expired").lease_expires_at is None
+
+
+def test_requeue_expired_records_event(store):
+    store.submit([new_job("a")])
+    claim(store, "a", lease_expires_at=1100.0)
+
+    store.requeue_expired(1200.0, "node-b")
+    event = store.events("a")[-1]
+
+    assert event.reason == "lease_expired"
+    assert event.from_state == "running"
+    assert event.to_state == "queued"
+    assert event.node_id == "node-b"
+    assert event.attempt == 1
+    assert event.at == 1200.0
+
+
+def test_requeue_expired_then_claim_fences_old(store):
+    store.submit([new_job("a")])
+    claim(store, "a", lease_expires_at=1100.0)
+    store.requeue_expired(1200.0, "node-b")
+    claim(store, "a", now=1201.0)
+
+    assert store.complete("a", 1, b'"old"', NODE, 1202.0) is False
+    assert store.complete("a", 2, b'"new"', NODE, 1202.0) is True
+    assert store.get("a").result == b'"new"'
+
+
+# -- cancel_queued --------------------------------------------------------
+
+
+def test_cancel_queued_job(store):
+    store.submit([new_job("a")])
+
+    outcome = store.cancel_queued("a", 1000.0, "cancelled_by_user")
+
+    assert outcome.state is JobState.CANCELLED
+    assert outcome.applied
+    assert store.get("a").state is JobState.CANCELLED
+    assert store.get("a").finished_at == 1000.0
+    assert candidate_ids(store) == []
+
+
+def test_cancel_running_job_unchanged(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+
+    outcome = store.cancel_queued("a", 1001.0, "cancelled_by_user")
+
+    assert outcome.state is JobState.RUNNING
+    assert not outcome.applied
+    assert store.get("a").state is JobState.RUNNING
+    assert store.events("a")[-1].reason == "claimed"
+
+
+# -- events ---------------------------------------------------------------
+
+
+def test_events_for_every_transition(store):
+    base = time.time()
+    store.submit([new_job("a", max_retries=1)])
+    claim(store, "a", now=base + 1)
+    store.set_suspended([("a", 1)], True, "preempted", NODE, base + 2)
+    store.set_suspended([("a", 1)], False, "resumed", NODE, base + 3)
+    store.requeue("a", 1, "yielded", NODE, base + 4)
+    claim(store, "a", now=base + 5)
+    store.fail("a", 2, "boom", None, "raised", base + 6, NODE, base + 6)
+    claim(store, "a", now=base + 7)
+    store.complete("a", 3, b"1", NODE, base + 8)
+
+    events = store.events("a")
+
+    assert [(event.from_state, event.to_state, event.reason) for event in events] == [
+        (None, "queued", "submitted"),
+        ("queued", "running", "claimed"),
+        ("running", "suspended", "preempted"),
+        ("suspended", "running", "resumed"),
+        ("running", "queued", "yielded"),
+        ("queued", "running", "claimed"),
+        ("running", "queued", "raised"),
+        ("queued", "running", "claimed"),
+        ("running", "succeeded", "completed"),
+    ]
+    assert [event.attempt for event in events] == [0, 1, 1, 1, 1, 2, 2, 3, 3]
+    assert [event.node_id for event in events] == [None] + [NODE] * 8
+    assert [event.at for event in events[1:]] == [base + offset for offset in range(1, 9)]
+    assert events[0].at <= events[1].at
+    assert all(event.job_id == "a" for event in events)
+
+
+def test_events_cancel_and_fail(store):
+    store.submit([new_job("cancelled"), new_job("failed", max_retries=0)])
+    store.cancel_queued("cancelled", 1000.0, "cancelled_by_user")
+    claim(store, "failed", now=1001.0)
+    store.fail("failed", 1, "boom", None, "raised", None, NODE, 1002.0)
+
+    cancel_event = store.events("cancelled")[-1]
+    fail_event = store.events("failed")[-1]
+
+    assert (cancel_event.from_state, cancel_event.to_state) == ("queued", "cancelled")
+    assert cancel_event.reason == "cancelled_by_user"
+    assert cancel_event.at == 1000.0
+    assert (fail_event.from_state, fail_event.to_state) == ("running", "failed")
+    assert fail_event.attempt == 1
+    assert fail_event.at == 1002.0
+
+
+def test_complete_suspended_event_from_state(store):
+    store.submit([new_job("a")])
+    claim(store, "a", now=1000.0)
+    store.set_suspended([("a", 1)], True, "preempted", NODE, 1001.0)
+
+    assert store.complete("a", 1, b"1", NODE, 1002.0) is True
+    assert store.events("a")[-1].from_state == "suspended"
+
+
+def test_events_all_jobs_latest_last(store):
+    store.submit([new_job("a")])
+    store.submit([new_job("b")])
+
+    events = store.events(limit=1)
+
+    assert [event.job_id for event in events] == ["b"]
+
+
+# -- concurrency ----------------------------------------------------------
+
+
+def test_two_connections_submit_concurrently(db_path):
+    stores = [open_store("sqlite:///" + str(db_path)) for _ in range(2)]
+    errors = []
+
+    def submit_jobs(store, prefix):
+        try:
+            for index in range(200):
+                store.submit([new_job(f"{prefix}-{index}")])
+        except Exception as exc:  # collected so that the main thread can assert on it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit_jobs, args=(store, f"t{number}")) for number, store in enumerate(stores)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+        assert errors == []
+        assert all(not thread.is_alive() for thread in threads)
+        assert stores[0].counts() == {("bulk", "queued"): 400}
+        assert len(stores[1].jobs()) == 400
+    finally:
+        for store in stores:
+            store.close()
