@@ -17,7 +17,6 @@ from makeway.errors import MakewayError, UsageError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="makeway: run jobs in tiers and keep interactive work fast.")
 console = Console(width=max(Console().width, 110))
-error_console = Console(stderr=True)
 
 STORE_HELP = "Store URL, e.g. sqlite:///makeway.db. Default: $MAKEWAY_STORE, then `store` in makeway.toml, then ./makeway.db."
 CONFIG_HELP = "Path of the config file. Default: $MAKEWAY_CONFIG, then ./makeway.toml if it exists."
@@ -187,5 +186,6 @@ def main() -> None:
     try:
         cli()
     except MakewayError as exc:
-        error_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        # Plain text, unwrapped, so the message stays greppable in logs.
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
