@@ -230,3 +230,19 @@ def test_pickled_payload_rejected_by_node(app, start_node, tmp_path):
     assert "invalid payload" in str(caught.value)
     assert not (tmp_path / "planted").exists()
     assert app.store.get(job_id).attempt == 1
+
+
+def test_suspended_job_keeps_its_lease(app, start_node):
+    start_node("[node]\nlease_s = 1.0\nheartbeat_s = 0.25\n")
+    bulk = basic.spin.submit(1.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.RUNNING, message="bulk job running")
+
+    interactive = basic.interactive_sleep.submit(3.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.SUSPENDED, message="bulk job suspended")
+    interactive.result(timeout=20)
+    bulk.result(timeout=30)
+
+    record = app.store.get(bulk.id)
+    assert record.attempt == 1
+    assert "lease_expired" not in reasons_of(app, bulk)
+    assert "preempted" in reasons_of(app, bulk)
