@@ -30,8 +30,8 @@ class App:
 
     `store_url` is `sqlite:///relative.db` or `sqlite:////absolute.db`. When it
     is None, $MAKEWAY_STORE, then `store` in makeway.toml, then
-    `sqlite:///makeway.db` is used; the resolved path is logged when the store
-    opens, so a client and a node never use two databases by accident.
+    `sqlite:///makeway.db` is used. The resolved path is logged when the store
+    opens, so that a client and a node on two databases show up at once.
 
     `serializer` is "json" (default) or "pickle". Pickle lets arguments be any
     Python object but lets anyone who can write to the store run code in the

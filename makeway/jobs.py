@@ -1,4 +1,4 @@
-"""What a caller holds of a job (JobHandle) and what a job sees of the runtime (JobContext)."""
+"""JobHandle, a caller's reference to a job, and JobContext, the runtime's interface for a running job."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def _wait_readable(listener: Listener, timeout_s: float) -> None:
 
 
 class JobContext:
-    """The runtime as a running job sees it; passed to a job function's `ctx` parameter.
+    """Runtime interface for a running job, passed to a job function's `ctx` parameter.
 
     Never serialized: each worker builds one per attempt.
     """

@@ -87,13 +87,13 @@ class NodeConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    """How the supervisor preempts lower tiers for higher ones."""
+    """Preemption and OS-priority rules the supervisor applies to lower tiers."""
 
     # "tiers": per-tier pools with preemption. "fifo": one pool, first in first
     # out, no preemption, no OS priority; the plain baseline the demo compares with.
     scheduling: Literal["tiers", "fifo"] = "tiers"
-    # "all" stops every lower-tier worker while interactive work runs or waits;
-    # "as-needed" stops only as many as free the slots interactive work needs;
+    # "all" stops every lower-tier worker while interactive work runs or waits.
+    # "as-needed" stops only as many as free the slots interactive work needs.
     # "off" leaves preemption to OS priority alone.
     suspend: Literal["all", "as-needed", "off"] = "all"
     # How long interactive work must have drained before suspended workers resume.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from makeway.demo.jobs import app, compress, stream_memory
+from makeway.demo.jobs import app, compress, file_statistic, stream_memory
 from makeway.node.launch import NodeProcess, store_url_for
 from makeway.store import JobState
 
@@ -45,6 +45,11 @@ class PhaseResult:
     bulk_bytes: int = 0
     bulk_jobs: int = 0
     suspends: int = 0
+    # Wall-clock bounds of the measured window and the store the phase used,
+    # so a caller can analyse the store's timestamps afterwards.
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    store_url: str = ""
 
     @property
     def bulk_mb_per_s(self) -> float:
@@ -67,8 +72,16 @@ def run_phase(
     inputs: Sequence[str],
     on_tick: Callable[[float, dict], None] | None = None,
     slots: int = 2,
+    *,
+    drain_bulk_s: float = 0.0,
 ) -> PhaseResult:
-    """Start a node on a fresh store, load it, run the client for `duration_s`, and measure."""
+    """Start a node on a fresh store, load it, run the client for `duration_s`, and measure.
+
+    With `drain_bulk_s` > 0, the bulk jobs that started before the window ended
+    are allowed up to that many seconds to finish before the node stops, so
+    that their progress inside the window can be credited from the store's
+    timestamps (see makeway.bench.timeline). The store is kept in `workdir`.
+    """
     slug = spec.name.lower().replace(" ", "-").replace(",", "")
     db = workdir / f"{slug}.db"
     for suffix in ("", "-wal", "-shm"):
@@ -100,11 +113,57 @@ def run_phase(
         ended_at = time.time()
 
         result = _measure(spec.name, started_at, ended_at, out_file if client else None)
+        result.started_at, result.ended_at, result.store_url = started_at, ended_at, url
         for record in app.store.jobs(state=JobState.QUEUED):
             app.handle(record.id).cancel()
+        if drain_bulk_s > 0:
+            _wait_for_bulk(ended_at, drain_bulk_s)
         node.stop()
     app.close()
     return result
+
+
+@dataclass
+class StartLatencyResult:
+    """Submit-to-start latencies of interactive jobs on an idle node, from the store's timestamps."""
+
+    start_latencies_s: list[float]  # jobs.started_at - jobs.submitted_at, in submission order
+    round_trips_s: list[float]  # submission to result, as the submitting process saw it
+    failed: int = 0
+
+
+def measure_start_latency(workdir: Path, inputs: Sequence[str], count: int, node_args: Sequence[str] = (),
+                          warmup: int = 20, name: str = "start latency") -> StartLatencyResult:
+    """Submit `count` interactive jobs one at a time to an idle node, each after the previous result.
+
+    The first `warmup` jobs are run but not counted (first imports and caches
+    in the workers).
+    """
+    slug = name.lower().replace(" ", "-")
+    db = workdir / f"{slug}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    url = store_url_for(db)
+    round_trips, failed, measured_ids = [], 0, []
+    with open(workdir / f"{slug}-node.log", "w") as log, NodeProcess(DEMO_APP, url, node_args, log=log) as node:
+        node.wait_ready()
+        app.use_store(url)
+        for index in range(warmup + count):
+            started = time.perf_counter()
+            handle = file_statistic.submit(inputs[index % len(inputs)])
+            try:
+                handle.result(timeout=30.0)
+            except Exception:
+                failed += 1
+                continue
+            if index >= warmup:
+                round_trips.append(time.perf_counter() - started)
+                measured_ids.append(handle.id)
+        records = {record.id: record for record in app.store.jobs(name=file_statistic.name)}
+        node.stop()
+    app.close()
+    latencies = [records[job_id].started_at - records[job_id].submitted_at for job_id in measured_ids]
+    return StartLatencyResult(latencies, round_trips, failed)
 
 
 def _top_up(bulk: BulkLoad, submitted: int, want_queued: int) -> int:
@@ -114,6 +173,16 @@ def _top_up(bulk: BulkLoad, submitted: int, want_queued: int) -> int:
         app.submit_many([bulk.prepare(submitted + index) for index in range(missing)])
         submitted += missing
     return submitted
+
+
+def _wait_for_bulk(started_before: float, timeout_s: float) -> None:
+    """Wait until no bulk job that started before `started_before` is still running or suspended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(record.tier == "bulk" and (record.started_at or 0) < started_before
+                   for record in app.store.active_jobs()):
+            return
+        time.sleep(0.05)
 
 
 def _progress(since: float) -> dict:

@@ -51,7 +51,7 @@ class NewJob:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A job row as the store holds it."""
+    """A job row as stored."""
 
     id: str
     name: str
@@ -121,14 +121,14 @@ class Event:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the store did with a failed attempt: retried, or failed for good."""
+    """Result of a store write that may not apply: the state afterwards, and whether this write changed it."""
 
     state: JobState
     applied: bool
 
 
 class Store(Protocol):
-    """What the runtime needs from a store. SQLite and PostgreSQL implement it."""
+    """Interface of a store; the SQLite store implements it, and a PostgreSQL store will."""
 
     url: str
 
