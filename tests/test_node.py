@@ -246,3 +246,31 @@ def test_suspended_job_keeps_its_lease(app, start_node):
     assert record.attempt == 1
     assert "lease_expired" not in reasons_of(app, bulk)
     assert "preempted" in reasons_of(app, bulk)
+
+
+def test_context_carries_job_fields(app, start_node):
+    start_node()
+
+    handle = basic.context_fields.options(metadata={"request_id": "r-17"}).submit()
+    fields = handle.result(timeout=20)
+
+    assert fields["job_id"] == handle.id
+    assert fields["attempt"] == 1
+    assert fields["tier"] == "interactive"
+    assert fields["metadata"] == {"request_id": "r-17"}
+
+
+def test_concurrent_submitters_all_stored(app, store_url):
+    script = (
+        "import sys\n"
+        "from tests.apps.basic import app, add\n"
+        f"app.use_store({store_url!r})\n"
+        "for i in range(100):\n"
+        "    add.submit(int(sys.argv[1]), i)\n"
+    )
+    submitters = [subprocess.Popen([sys.executable, "-c", script, str(n)], cwd=REPO_ROOT, stderr=subprocess.PIPE)
+                  for n in range(4)]
+    errors = [process.communicate(timeout=120)[1].decode() for process in submitters]
+
+    assert [process.returncode for process in submitters] == [0, 0, 0, 0], errors
+    assert len(app.store.jobs()) == 400

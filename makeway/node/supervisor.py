@@ -369,7 +369,7 @@ class Supervisor:
             idle.pop(0)
             worker.run(
                 Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic()),
-                claim.payload, claim.serializer, {},
+                claim.payload, claim.serializer, claim.metadata,
             )
             logger.debug("Started job=%s name=%s tier=%s attempt=%d on worker pid=%d", claim.id, claim.name,
                          claim.tier, claim.attempt, worker.pid)

@@ -102,6 +102,7 @@ class Claim:
     payload: bytes
     serializer: str
     submitted_at: float
+    metadata: dict[str, Any]
     started_at: float
 
 

@@ -243,12 +243,12 @@ class SQLiteStore:
             if cursor.rowcount == 0:
                 return None
             row = db.execute(
-                "SELECT id, name, tier, priority, attempt, payload, serializer, submitted_at FROM jobs WHERE id = ?",
+                "SELECT id, name, tier, priority, attempt, payload, serializer, submitted_at, metadata FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
             self._event(db, job_id, now, JobState.QUEUED.value, JobState.RUNNING.value, "claimed", node_id, row[4],
                         f"worker_pid={worker_pid}")
-        return Claim(*row, started_at=now)
+        return Claim(*row[:8], metadata=json.loads(row[8]), started_at=now)
 
     def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool:
         """Record success; False (nothing written) if `attempt` is stale."""

@@ -109,3 +109,8 @@ def critical_probe(rounds, section_s, ctx):
             inside = max(inside, _max_gap_while_busy(section_s))
         outside = max(outside, _max_gap_while_busy(section_s))
     return {"inside": inside, "outside": outside}
+
+
+@app.job(tier="interactive")
+def context_fields(ctx):
+    return {"job_id": ctx.job_id, "attempt": ctx.attempt, "tier": ctx.tier, "metadata": ctx.metadata}
