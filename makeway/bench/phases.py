@@ -136,8 +136,8 @@ def measure_start_latency(workdir: Path, inputs: Sequence[str], count: int, node
                           warmup: int = 20, name: str = "start latency") -> StartLatencyResult:
     """Submit `count` interactive jobs one at a time to an idle node, each after the previous result.
 
-    The first `warmup` jobs are run but not counted (first imports and caches
-    in the workers).
+    The first `warmup` jobs also run but are not counted, so that first-call
+    costs in the workers and the store stay out of the figures.
     """
     slug = name.lower().replace(" ", "-")
     db = workdir / f"{slug}.db"

@@ -55,6 +55,10 @@ class WorkerHandle:
         # confirmed outside a critical section (suspended), or put off because
         # the job was inside one (deferred, the worker reports the section's end).
         self.stop_requested = False
+        # When the last SIGSTOP was sent: wall clock for events, monotonic for
+        # the confirmation back-off.
+        self.stop_sent_at = 0.0
+        self.stop_sent_monotonic = 0.0
         self.suspended = False
         self.deferred = False
         self.dead = False
@@ -79,6 +83,8 @@ class WorkerHandle:
                         assignment.tier, metadata))
 
     def request_stop(self) -> None:
+        self.stop_sent_at = time.time()
+        self.stop_sent_monotonic = time.monotonic()
         if signal_group(self.pid, STOP):
             self.stop_requested = True
 

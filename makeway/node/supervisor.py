@@ -38,8 +38,12 @@ logger = logging.getLogger(__name__)
 
 FIFO_POOL = "fifo"
 WORKER_START_TIMEOUT_S = 60.0
-# While a SIGSTOP has not yet taken effect, the loop re-checks this often.
-STOP_CONFIRM_INTERVAL_S = 0.0005
+# While a SIGSTOP has not yet taken effect, the loop re-checks after half the
+# time waited so far, within these bounds. A niced worker on busy cores may
+# take tens of milliseconds to be scheduled and stop, and checking it at a
+# fixed fast rate would take CPU from the interactive job meanwhile.
+STOP_CONFIRM_MIN_INTERVAL_S = 0.0005
+STOP_CONFIRM_MAX_INTERVAL_S = 0.01
 
 
 class NodeStartError(RuntimeFault):
@@ -61,7 +65,7 @@ class Supervisor:
         self.tiers = self.settings.tiers
         self.log_level = log_level
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        self.store = open_store(app.store_url)
+        self.store = open_store(app.store_url, for_node=True)
         self.store_path = app.store_path
         self.slots = self.settings.node.resolved_slots()
         self.metrics = NodeMetrics()
@@ -199,8 +203,10 @@ class Supervisor:
         deadlines = [self._next_poll_at, self._next_heartbeat_at]
         if self._next_plan_check_at is not None:
             deadlines.append(self._next_plan_check_at)
-        if any(worker.stop_requested for worker in self.workers):
-            deadlines.append(now + STOP_CONFIRM_INTERVAL_S)
+        for worker in self.workers:
+            if worker.stop_requested:
+                waited_s = now - worker.stop_sent_monotonic
+                deadlines.append(now + min(STOP_CONFIRM_MAX_INTERVAL_S, max(STOP_CONFIRM_MIN_INTERVAL_S, waited_s / 2)))
         timeout_s = max(0.0, min(deadlines) - now)
         return wait(self._wait_objects(), timeout=timeout_s)
 
@@ -343,9 +349,6 @@ class Supervisor:
             self._fill_pool(FIFO_POOL, list(self.tiers))
             return
         self._interactive_queued = self._fill_pool(INTERACTIVE_POOL, self._tiers_of(INTERACTIVE_POOL))
-        # Interactive demand must be known before background work is started,
-        # so the preemption step sees it in the same pass.
-        self._preempt()
         self._fill_pool(BACKGROUND_POOL, self._tiers_of(BACKGROUND_POOL))
 
     def _tiers_of(self, pool: str) -> list[str]:
@@ -357,6 +360,11 @@ class Supervisor:
         wall_now = time.time()
         candidates = self.store.candidates(tiers, list(self.app.registry), wall_now, limit=len(idle) + 8)
         ranked = rank_fifo(candidates) if pool == FIFO_POOL else rank_candidates(candidates, self.tiers, wall_now)
+        if pool == INTERACTIVE_POOL and candidates:
+            # Stop background workers before the claim's store write, so the
+            # cores are free by the time the interactive job starts.
+            self._interactive_queued = len(candidates)
+            self._preempt()
         claimed = 0
         for candidate in ranked:
             if not idle:
@@ -401,9 +409,21 @@ class Supervisor:
         for worker in background.values():
             if worker.worker_id in plan.suspend and not worker.held_stopped:
                 worker.request_stop()
+        for worker in to_resume:
+            self._settle_stop(worker)
         resumed = [worker for worker in to_resume if worker.resume()]
         if resumed:
             self._record_resumed(resumed, "resumed")
+
+    def _settle_stop(self, worker: WorkerHandle) -> None:
+        """Before resuming, record a stop that took effect, or count one that never did."""
+        if not worker.stop_requested or worker.assignment is None:
+            return
+        result = worker.confirm_stop()
+        if result == "suspended":
+            self._record_suspended([worker])
+        elif result is None:
+            self.metrics.suspends_cancelled.labels(worker.assignment.tier).inc()
 
     def _confirm_stops(self) -> None:
         """Record stops that took effect; resume at once any worker caught in a critical section."""
@@ -421,10 +441,15 @@ class Supervisor:
             self._record_suspended(suspended)
 
     def _record_suspended(self, workers: list[WorkerHandle]) -> None:
-        jobs = [(w.assignment.job_id, w.assignment.attempt) for w in workers]
-        self.store.set_suspended(jobs, True, "preempted", self.node_id, time.time())
+        # The event's time is when SIGSTOP was sent: the kernel stops the worker
+        # before it next returns to user mode, so the job makes no progress
+        # after that. The delay until the stop was seen goes in the detail.
+        confirmed_at = time.time()
         for worker in workers:
             job = worker.assignment
+            detail = f"stop confirmed after {1000 * (confirmed_at - worker.stop_sent_at):.2f} ms"
+            self.store.set_suspended([(job.job_id, job.attempt)], True, "preempted", self.node_id,
+                                     worker.stop_sent_at, detail)
             self.metrics.preemptions.labels("suspend", job.tier).inc()
             logger.info(
                 "Suspended job=%s tier=%s attempt=%d pid=%d to free its slot for interactive work. "

@@ -20,6 +20,10 @@ class NodeMetrics:
             "makeway_suspends_deferred", "Suspensions put off because the job was in a critical section", ["tier"],
             registry=self.registry,
         )
+        self.suspends_cancelled = Counter(
+            "makeway_suspends_cancelled", "Suspensions withdrawn before the stop took effect", ["tier"],
+            registry=self.registry,
+        )
         self.jobs_finished = Counter(
             "makeway_jobs_finished", "Attempts that ended, by tier and outcome", ["tier", "outcome"], registry=self.registry
         )

@@ -54,12 +54,16 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix):]).resolve()
 
 
-def open_store(url: str) -> Store:
-    """Open (and migrate) the store at `url`, logging where it is."""
+def open_store(url: str, *, for_node: bool = False) -> Store:
+    """Open (and migrate) the store at `url`, logging where it is.
+
+    A node's store keeps housekeeping off its dispatch path: for SQLite,
+    WAL checkpoints run in a background thread every 0.5 s.
+    """
     if url.startswith("sqlite:"):
         from makeway.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(sqlite_path(url))
+        store = SQLiteStore(sqlite_path(url), checkpoint_interval_s=0.5 if for_node else None)
         logger.info("Using store %s", store.url)
         return store
     if url.startswith(("postgresql:", "postgres:")):
