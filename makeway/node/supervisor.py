@@ -444,12 +444,14 @@ class Supervisor:
         # The event's time is when SIGSTOP was sent: the kernel stops the worker
         # before it next returns to user mode, so the job makes no progress
         # after that. The delay until the stop was seen goes in the detail.
-        confirmed_at = time.time()
+        # One write for the whole batch keeps store time off the interactive
+        # job's path; the signals of one batch go out microseconds apart.
+        sent_at = min(worker.stop_sent_at for worker in workers)
+        detail = f"stop confirmed after {1000 * (time.time() - sent_at):.2f} ms"
+        jobs = [(worker.assignment.job_id, worker.assignment.attempt) for worker in workers]
+        self.store.set_suspended(jobs, True, "preempted", self.node_id, sent_at, detail)
         for worker in workers:
             job = worker.assignment
-            detail = f"stop confirmed after {1000 * (confirmed_at - worker.stop_sent_at):.2f} ms"
-            self.store.set_suspended([(job.job_id, job.attempt)], True, "preempted", self.node_id,
-                                     worker.stop_sent_at, detail)
             self.metrics.preemptions.labels("suspend", job.tier).inc()
             logger.info(
                 "Suspended job=%s tier=%s attempt=%d pid=%d to free its slot for interactive work. "
