@@ -97,7 +97,7 @@ class PolicyConfig(_Strict):
     # "off" leaves preemption to OS priority alone.
     suspend: Literal["all", "as-needed", "off"] = "all"
     # How long interactive work must have drained before suspended workers resume.
-    suspend_hold_s: float = Field(default=0.005, ge=0, le=60)
+    suspend_hold_s: float = Field(default=0.001, ge=0, le=60)
     min_share_period_s: float = Field(default=1.0, gt=0, le=3600)
     background_nice: int = Field(default=19, ge=0, le=19)
     background_ionice: Literal["idle", "best-effort", "none"] = "idle"

@@ -275,12 +275,14 @@ def test_plan_hold_keeps_suspended():
     background = [running("bulk-1")]
 
     during_demand = plan(policy, background, demand=1, now=10.0, state=state)
-    in_hold = plan(policy, background, demand=0, now=10.2, state=state)
-    after_hold = plan(policy, background, demand=0, now=10.5, state=state)
+    drained = plan(policy, background, demand=0, now=10.2, state=state)
+    in_hold = plan(policy, background, demand=0, now=10.6, state=state)
+    after_hold = plan(policy, background, demand=0, now=10.7, state=state)
 
     assert during_demand.suspend == {"bulk-1"}
+    assert drained.suspend == {"bulk-1"}
+    assert drained.next_check_at == pytest.approx(10.7)
     assert in_hold.suspend == {"bulk-1"}
-    assert in_hold.next_check_at == pytest.approx(10.5)
     assert after_hold.suspend == frozenset()
     assert after_hold.next_check_at is None
 
@@ -296,7 +298,7 @@ def test_plan_hold_not_in_next_check_during_demand():
 
 
 def test_plan_hold_restarts_on_new_demand():
-    policy = PolicyConfig(suspend="all", suspend_hold_s=0.5)
+    policy = PolicyConfig(suspend="all", suspend_hold_s=0.5, min_share_period_s=100.0)
     state = PreemptionState()
     background = [running("bulk-1")]
 
@@ -305,7 +307,7 @@ def test_plan_hold_restarts_on_new_demand():
     result = plan(policy, background, demand=0, now=10.8, state=state)
 
     assert result.suspend == {"bulk-1"}
-    assert result.next_check_at == pytest.approx(10.9)
+    assert result.next_check_at == pytest.approx(11.3)
 
 
 def simulate_min_share(min_share, steps=1000, step_s=0.01):

@@ -267,8 +267,15 @@ class Supervisor:
     def _finish(self, worker: WorkerHandle, job_id: str, attempt: int, kind: str, result, error, traceback) -> None:
         job = worker.assignment
         worker.assignment = None
-        worker.stop_requested = worker.suspended = worker.deferred = False
+        # The result may have been sent just before a SIGSTOP went out; an idle
+        # worker left stopped would hang the next job given to it.
+        if worker.held_stopped:
+            worker.resume()
         self._dispatch_due = True
+        if worker.pool == INTERACTIVE_POOL:
+            # Let background work continue before the store write below, since
+            # every millisecond it stays stopped is lost throughput.
+            self._preempt()
         if job is None or job.job_id != job_id:
             logger.error("Worker pid=%d reported job=%s it was not running; ignored", worker.pid, job_id)
             return

@@ -39,6 +39,8 @@ class PreemptionState:
 
     last_demand_at: float | None = None
     last_demand: int = 0
+    # First time the planner saw zero demand after some; the hold counts from here.
+    drained_at: float | None = None
     shares: dict[str, TierShare] = field(default_factory=dict)
 
 
@@ -62,7 +64,8 @@ def plan_suspensions(
 
     `interactive_demand` counts interactive jobs running or queued on this node.
     Suspension lasts while there is demand and for `policy.suspend_hold_s`
-    after it drains, so a burst of arrivals does not make workers thrash.
+    after the first call that sees it drained, so a burst of arrivals does not
+    make workers thrash. The caller must call again as soon as demand drains.
     """
     if policy.suspend == "off" or policy.scheduling == "fifo":
         return SuspensionPlan(frozenset(), None)
@@ -70,7 +73,10 @@ def plan_suspensions(
     if interactive_demand > 0:
         state.last_demand_at = now
         state.last_demand = interactive_demand
-    hold_ends_at = None if state.last_demand_at is None else state.last_demand_at + policy.suspend_hold_s
+        state.drained_at = None
+    elif state.last_demand_at is not None and state.drained_at is None:
+        state.drained_at = now
+    hold_ends_at = None if state.drained_at is None else state.drained_at + policy.suspend_hold_s
     active = interactive_demand > 0 or (hold_ends_at is not None and now < hold_ends_at)
     if not active:
         state.shares.clear()

@@ -208,6 +208,15 @@ class SQLiteStore:
             (job_id, at, from_state, to_state, reason, node_id, attempt, detail),
         )
 
+    @staticmethod
+    def _active_state(db: sqlite3.Connection, job_id: str, attempt: int) -> str | None:
+        """Return the job's state if it is running or suspended at `attempt`, else None (a stale writer)."""
+        row = db.execute(
+            "SELECT state FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+            (job_id, attempt),
+        ).fetchone()
+        return row[0] if row else None
+
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -311,18 +320,15 @@ class SQLiteStore:
     def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool:
         """Record success; False (nothing written) if `attempt` is stale."""
         with self._write() as db:
-            row = db.execute(
-                "SELECT state FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
-                (job_id, attempt),
-            ).fetchone()
-            if row is None:
+            from_state = self._active_state(db, job_id, attempt)
+            if from_state is None:
                 return False
             db.execute(
                 "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?, "
                 "lease_expires_at = NULL WHERE id = ?",
                 (result, now, now, job_id),
             )
-            self._event(db, job_id, now, row[0], JobState.SUCCEEDED.value, "completed", node_id, attempt)
+            self._event(db, job_id, now, from_state, JobState.SUCCEEDED.value, "completed", node_id, attempt)
             return True
 
     def fail(
@@ -365,18 +371,15 @@ class SQLiteStore:
     def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float) -> bool:
         """Queue a running job again without counting a failure (shutdown, preemption)."""
         with self._write() as db:
-            row = db.execute(
-                "SELECT state FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
-                (job_id, attempt),
-            ).fetchone()
-            if row is None:
+            from_state = self._active_state(db, job_id, attempt)
+            if from_state is None:
                 return False
             db.execute(
                 "UPDATE jobs SET state = 'queued', lease_expires_at = NULL, node_id = NULL, worker_pid = NULL, "
                 "updated_at = ? WHERE id = ?",
                 (now, job_id),
             )
-            self._event(db, job_id, now, row[0], JobState.QUEUED.value, reason, node_id, attempt)
+            self._event(db, job_id, now, from_state, JobState.QUEUED.value, reason, node_id, attempt)
             return True
 
     def set_suspended(
