@@ -74,6 +74,9 @@ def node(
     from makeway.policy import settings_from_mapping
 
     level = _configure_logging(log_level)
+    if config is not None:
+        # Workers import the app afresh; the variable makes them read the same file.
+        os.environ["MAKEWAY_CONFIG"] = os.path.abspath(config)
     application = _load_app(app, store, config)
     raw = application.settings.model_dump()
     if suspend is not None:
