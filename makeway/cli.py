@@ -56,7 +56,7 @@ def _open_store(store: str | None, config: str | None):
     from makeway.store import open_store, resolve_store_url
 
     settings, _ = load_settings(config)
-    return open_store(resolve_store_url(store, settings.store))
+    return open_store(resolve_store_url(store, settings.store), create=False)
 
 
 @cli.command()
@@ -93,6 +93,10 @@ def _parse_json_argument(text: str, position: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
+        if position == "--kwargs":
+            raise UsageError(
+                f"--kwargs {text!r} is not JSON; pass a JSON object with quoted keys, for example '{{\"limit\": 10}}'"
+            ) from None
         raise UsageError(
             f"{position} {text!r} is not JSON; quote strings as JSON, for example '\"{text}\"', "
             "and pass numbers, lists and objects as JSON"
@@ -113,6 +117,10 @@ def submit(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: seconds to wait; the job is not cancelled."),
 ) -> None:
     """Submit one job and print its id."""
+    if timeout is not None and not wait:
+        raise UsageError(f"--timeout {timeout} has no effect without --wait; add --wait or leave out --timeout")
+    if timeout is not None and timeout < 0:
+        raise UsageError(f"--timeout {timeout} is invalid; pass a number of seconds >= 0, or leave out --timeout to wait indefinitely")
     application = _load_app(app, store, config)
     function = application.function(name)
     positional = [_parse_json_argument(text, f"argument {index + 1}") for index, text in enumerate(args or [])]

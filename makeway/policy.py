@@ -148,17 +148,20 @@ def validate_priority(priority: object) -> int:
     return priority
 
 
-def _merge_tiers(raw_tiers: Any) -> dict[str, Any]:
+def _merge_tiers(raw_tiers: Any, source: str) -> dict[str, Any]:
     """Overlay the [tiers.*] tables on the default tiers, key by key."""
     if not isinstance(raw_tiers, dict):
-        raise ConfigError(f"[tiers] must be a table of tier tables, got {raw_tiers!r}")
+        raise ConfigError(f"{source}: [tiers] must be a table of tier tables, got {raw_tiers!r}")
     merged: dict[str, Any] = {name: tier.model_dump() for name, tier in DEFAULT_TIERS.items()}
     for name, table in raw_tiers.items():
-        validate_tier_name(name)
+        try:
+            validate_tier_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         if not isinstance(table, dict):
-            raise ConfigError(f"[tiers.{name}] must be a table, got {table!r}")
+            raise ConfigError(f"{source}: [tiers.{name}] must be a table, got {table!r}")
         if name not in merged and "rank" not in table:
-            raise ConfigError(f"[tiers.{name}] is a new tier and needs a rank (0 runs first; bulk has 30)")
+            raise ConfigError(f"{source}: [tiers.{name}] is a new tier and needs a rank (0 runs first; bulk has 30)")
         merged[name] = {**merged.get(name, {}), **table}
     return merged
 
@@ -168,7 +171,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         value = error.get("input")
-        lines.append(f"  {key} = {value!r}: {error['msg']}")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key} = {value!r}: unknown key; docs/configuration.md lists the valid keys of each table")
+        else:
+            lines.append(f"  {key} = {value!r}: {error['msg']}")
     lines.append("Fix these keys; docs/configuration.md lists every key with its default.")
     return "\n".join(lines)
 
@@ -177,7 +183,7 @@ def settings_from_mapping(raw: dict[str, Any], source: str = "settings") -> Sett
     """Validate a parsed config mapping into Settings, raising ConfigError."""
     raw = dict(raw)
     if "tiers" in raw:
-        raw["tiers"] = _merge_tiers(raw["tiers"])
+        raw["tiers"] = _merge_tiers(raw["tiers"], source)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

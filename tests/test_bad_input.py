@@ -76,7 +76,8 @@ def test_submit_rejects_negative_timeout(app, store_url):
                      "--wait", "--timeout", "-1")
 
     assert result.returncode == 2
-    assert "timeout -1.0 is invalid" in result.stderr
+    assert "--timeout -1.0 is invalid" in result.stderr
+    assert app.store.jobs() == []
 
 
 def test_status_rejects_bad_store_url():
@@ -84,3 +85,41 @@ def test_status_rejects_bad_store_url():
 
     assert result.returncode == 2
     assert "'mysql://localhost/jobs' has an unknown scheme" in result.stderr
+
+
+def test_submit_timeout_without_wait_rejected(app, store_url):
+    result = makeway("submit", "tests.apps.basic:add", "1", "2", "--app", "tests.apps.basic:app", "--store", store_url,
+                     "--timeout", "5")
+
+    assert result.returncode == 2
+    assert "--timeout 5.0 has no effect without --wait" in result.stderr
+    assert app.store.jobs() == []
+
+
+def test_submit_rejects_non_json_kwargs(app, store_url):
+    result = makeway("submit", "tests.apps.basic:add", "--kwargs", "{a: 1}", "--app", "tests.apps.basic:app",
+                     "--store", store_url)
+
+    assert result.returncode == 2
+    assert "--kwargs '{a: 1}' is not JSON" in result.stderr
+    assert '{"limit": 10}' in result.stderr
+
+
+def test_status_rejects_missing_store(tmp_path):
+    missing = tmp_path / "typo.db"
+
+    result = makeway("status", "--store", f"sqlite:///{missing}")
+
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert not missing.exists()
+
+
+def test_unknown_config_key_named(tmp_path, store_url):
+    config = tmp_path / "makeway.toml"
+    config.write_text("[node]\nslotz = 4\n")
+
+    result = makeway("node", "--app", "tests.apps.basic:app", "--store", store_url, "--config", str(config))
+
+    assert result.returncode == 2
+    assert "node.slotz = 4: unknown key" in result.stderr

@@ -54,15 +54,21 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix):]).resolve()
 
 
-def open_store(url: str, *, for_node: bool = False) -> Store:
+def open_store(url: str, *, for_node: bool = False, create: bool = True) -> Store:
     """Open (and migrate) the store at `url`, logging where it is.
 
     A node's store keeps housekeeping off its dispatch path: for SQLite,
-    WAL checkpoints run in a background thread every 0.5 s.
+    WAL checkpoints run in a background thread every 0.5 s. With
+    `create=False` a missing SQLite file is an error instead of a new store.
     """
     if url.startswith("sqlite:"):
         from makeway.store.sqlite import SQLiteStore
 
+        if not create and not sqlite_path(url).exists():
+            raise UsageError(
+                f"store {url!r} does not exist; check the path (a mistyped one would look like an empty queue), "
+                "or start a node or submit a job to create it"
+            )
         store = SQLiteStore(sqlite_path(url), checkpoint_interval_s=0.5 if for_node else None)
         logger.info("Using store %s", store.url)
         return store
