@@ -48,8 +48,11 @@ def run_demo(duration_s: float, rate_per_s: float, workdir: str | None, console:
                         f"interactive {counts['interactive_done']}  bulk {counts['bulk_done']}  "
                         f"suspends {counts['suspends']}"))
 
-                results.append(run_phase(spec, root, rate_per_s, phase_s, inputs, on_tick, slots=slots))
-                progress.update(task, completed=phase_s)
+                result = run_phase(spec, root, rate_per_s, phase_s, inputs, on_tick, slots=slots)
+                results.append(result)
+                # The last tick comes before the client's final jobs return; show the measured counts.
+                progress.update(task, completed=phase_s, counts=(
+                    f"interactive {len(result.latencies_s)}  bulk {result.bulk_jobs}  suspends {result.suspends}"))
         console.print(_table(results))
         console.print(_summary(results))
         if workdir:
