@@ -14,7 +14,7 @@ from makeway.bench.phases import BulkLoad, PhaseResult, PhaseSpec, run_phase
 from makeway.bench.stats import summarize_ms
 from makeway.demo.corpus import bulk_batches, interactive_inputs, stdlib_sources
 
-# About two seconds of lzma CPU per batch on a current x86-64 core.
+# About two seconds of lzma CPU per batch, as measured on the development machine (AMD EPYC, 2 cores).
 BULK_BATCH_BYTES = 4_000_000
 
 
