@@ -1,8 +1,8 @@
 """Suspend preemption: which background jobs to stop while interactive work runs.
 
-`plan_suspensions` is called on every supervisor step with the current demand
-and returns the full set of jobs that should be suspended at `now`; the node
-compares it with what is suspended and sends only the differences.
+The supervisor calls `plan_suspensions` whenever demand may have changed. It
+returns the full set of jobs that should be suspended at `now`, and the node
+sends signals only for the differences from what is suspended.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from makeway.policy import PolicyConfig, TierConfig
 
 @dataclass(frozen=True)
 class RunningJob:
-    """A background job occupying a worker, as the planner sees it."""
+    """A background job occupying a worker: the fields the planner ranks by."""
 
     key: Hashable
     tier: str
@@ -35,7 +35,7 @@ class TierShare:
 
 @dataclass
 class PreemptionState:
-    """What the planner remembers between calls."""
+    """Planner state kept between calls."""
 
     last_demand_at: float | None = None
     last_demand: int = 0
