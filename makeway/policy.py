@@ -101,6 +101,9 @@ class PolicyConfig(_Strict):
     min_share_period_s: float = Field(default=1.0, gt=0, le=3600)
     background_nice: int = Field(default=19, ge=0, le=19)
     background_ionice: Literal["idle", "best-effort", "none"] = "idle"
+    # "idle" runs background workers under SCHED_IDLE instead of the normal
+    # scheduler, so any waking normal process preempts them at once.
+    background_cpu_policy: Literal["normal", "idle"] = "normal"
 
 
 class JobDefaults(_Strict):

@@ -274,3 +274,16 @@ def test_concurrent_submitters_all_stored(app, store_url):
 
     assert [process.returncode for process in submitters] == [0, 0, 0, 0], errors
     assert len(app.store.jobs()) == 400
+
+
+def test_background_workers_run_sched_idle(app, start_node):
+    node = start_node("[policy]\nbackground_cpu_policy = 'idle'\n")
+    bulk = basic.spin.submit(0.5)
+    interactive = basic.interactive_sleep.submit(0.01)
+    interactive_pid = interactive.result(timeout=20)
+    bulk_pid = bulk.result(timeout=20)
+
+    assert os.sched_getscheduler(bulk_pid) == os.SCHED_IDLE
+    assert os.sched_getscheduler(interactive_pid) == os.SCHED_OTHER
+    assert psutil.Process(bulk_pid).nice() == 19
+    assert node.pid > 0

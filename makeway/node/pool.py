@@ -34,7 +34,8 @@ class WorkerHandle:
     Only the supervisor's thread reads or writes these fields.
     """
 
-    def __init__(self, worker_id: int, pool: str, app_spec: str, nice: int, ionice: str, log_level: int):
+    def __init__(self, worker_id: int, pool: str, app_spec: str, nice: int, ionice: str, cpu_policy: str,
+                 log_level: int):
         self.worker_id = worker_id
         self.pool = pool
         self.flag_array = new_flag_array()
@@ -42,7 +43,7 @@ class WorkerHandle:
         self.conn, child_conn = _spawn.Pipe(duplex=True)
         self.process = _spawn.Process(
             target=worker_main,
-            args=(app_spec, child_conn, self.flag_array, nice, ionice, log_level, list(sys.path)),
+            args=(app_spec, child_conn, self.flag_array, nice, ionice, cpu_policy, log_level, list(sys.path)),
             name=f"makeway-{pool}-worker-{worker_id}",
             daemon=True,
         )

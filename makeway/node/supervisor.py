@@ -148,6 +148,7 @@ class Supervisor:
             self.app_spec,
             nice=self.policy.background_nice if background else 0,
             ionice=self.policy.background_ionice if background else "none",
+            cpu_policy=self.policy.background_cpu_policy if background else "normal",
             log_level=self.log_level,
         )
         self._next_worker_id += 1

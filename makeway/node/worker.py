@@ -28,10 +28,17 @@ ERROR = "error"
 INVALID = "invalid"
 
 
-def set_background_priority(nice: int, ionice: str) -> None:
-    """Lower this process's CPU and I/O priority; children inherit both."""
+def set_background_priority(nice: int, ionice: str, cpu_policy: str = "normal") -> None:
+    """Lower this process's CPU and I/O priority; children inherit both.
+
+    `cpu_policy` "idle" selects SCHED_IDLE: the kernel runs the process only
+    when no normal process wants the core, and a waking normal process
+    preempts it at once.
+    """
     import psutil
 
+    if cpu_policy == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if nice:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     if ionice == "none":
@@ -43,7 +50,8 @@ def set_background_priority(nice: int, ionice: str) -> None:
         logging.getLogger(__name__).debug("Cannot set the I/O class %s: %s", ionice, exc)
 
 
-def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, log_level: int, sys_path: list[str]) -> None:
+def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_policy: str, log_level: int,
+                sys_path: list[str]) -> None:
     # A process group of its own lets the supervisor stop, resume and kill the
     # job together with any child processes the job starts; it also keeps a
     # terminal's Ctrl-C away from workers, so the supervisor decides shutdown.
@@ -51,7 +59,7 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, log_lev
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     sys.path[:0] = [entry for entry in sys_path if entry not in sys.path]
-    set_background_priority(nice, ionice)
+    set_background_priority(nice, ionice, cpu_policy)
 
     from makeway.app import load_app
     from makeway.node.flags import WorkerFlags
