@@ -102,8 +102,10 @@ class PolicyConfig(_Strict):
     background_nice: int = Field(default=19, ge=0, le=19)
     background_ionice: Literal["idle", "best-effort", "none"] = "idle"
     # "idle" runs background workers under SCHED_IDLE instead of the normal
-    # scheduler, so any waking normal process preempts them at once.
-    background_cpu_policy: Literal["normal", "idle"] = "normal"
+    # scheduler, so any waking normal process preempts them at once. It took
+    # the loaded interactive p99 from 1.24x to 1.00x of idle without
+    # suspension in benchmarks/interactive_latency.py on 2 cores.
+    background_cpu_policy: Literal["normal", "idle"] = "idle"
 
 
 class JobDefaults(_Strict):
