@@ -6,7 +6,7 @@ fresh node and store:
 
     interactive alone   the interactive client without bulk load (latency baseline)
     bulk alone          bulk load without the client (throughput baseline)
-    default             bulk load and client, tiers, suspend all, background at nice 19
+    default             bulk load and client, tiers, suspend all, background under SCHED_IDLE at nice 19
     as-needed           bulk load and client, --suspend as-needed
     nice only           bulk load and client, --suspend off (OS priority alone)
     plain pool          bulk load and client, --scheduling fifo (one worker per core,

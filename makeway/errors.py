@@ -40,7 +40,7 @@ class JobError(MakewayError):
 class JobFailed(JobError):
     """The job raised, or its worker was lost, on its last allowed attempt.
 
-    `remote_traceback` holds the formatted traceback from the worker, when the
+    `remote_traceback` is the formatted traceback from the worker, when the
     job function raised.
     """
 

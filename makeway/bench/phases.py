@@ -23,7 +23,7 @@ DEMO_APP = "makeway.demo.jobs:app"
 
 @dataclass
 class BulkLoad:
-    """Which bulk job keeps the background pool busy, and with what input."""
+    """The bulk job that keeps the background pool busy, and its input."""
 
     kind: str  # "compress" or "stream_memory"
     batches: Sequence[Sequence[str]] = ()

@@ -29,7 +29,7 @@ class Assignment:
 
 
 class WorkerHandle:
-    """A worker process of one pool, and what the supervisor knows of it.
+    """A worker process of one pool, and the supervisor's record of it.
 
     Only the supervisor's thread reads or writes these fields.
     """

@@ -267,6 +267,20 @@ class Supervisor:
 
     def _finish(self, worker: WorkerHandle, job_id: str, attempt: int, kind: str, result, error, traceback) -> None:
         job = worker.assignment
+        self._release_worker(worker)
+        if job is None or job.job_id != job_id:
+            logger.error("Worker pid=%d reported job=%s it was not running; ignored", worker.pid, job_id)
+            return
+
+        applied, outcome = self._record_outcome(job, attempt, kind, result, error, traceback)
+        if not applied:
+            logger.warning("Dropped the outcome of job=%s attempt=%d: the attempt is stale (its lease was lost)", job_id, attempt)
+        self.metrics.jobs_finished.labels(job.tier, outcome if applied else "stale").inc()
+        if self.store_path is not None:
+            notify(self.store_path, WAITER)
+
+    def _release_worker(self, worker: WorkerHandle) -> None:
+        """Mark a worker idle after its job ended, and let background work continue."""
         worker.assignment = None
         # The result may have been sent just before a SIGSTOP went out; an idle
         # worker left stopped would hang the next job given to it.
@@ -274,31 +288,25 @@ class Supervisor:
             worker.resume()
         self._dispatch_due = True
         if worker.pool == INTERACTIVE_POOL:
-            # Let background work continue before the store write below, since
-            # every millisecond it stays stopped is lost throughput.
+            # Let background work continue before the store write, since every
+            # millisecond it stays stopped is lost throughput.
             self._preempt()
-        if job is None or job.job_id != job_id:
-            logger.error("Worker pid=%d reported job=%s it was not running; ignored", worker.pid, job_id)
-            return
+
+    def _record_outcome(self, job: Assignment, attempt: int, kind: str, result, error, traceback) -> tuple[bool, str]:
+        """Write an attempt's outcome, fenced by `attempt`; return (applied, outcome)."""
+        job_id = job.job_id
         now = time.time()
         if kind == OK:
-            applied = self.store.complete(job_id, attempt, result, self.node_id, now)
-            outcome = "succeeded"
-        else:
-            retry_at = None if kind == INVALID else now + self._retry_delay(job_id)
-            reason = "invalid_payload" if kind == INVALID else "job_error"
-            result_state = self.store.fail(job_id, attempt, error, traceback, reason, retry_at, self.node_id, now)
-            applied = result_state.applied
-            outcome = result_state.state.value
-            if applied and result_state.state is JobState.FAILED:
-                logger.error("Job failed job=%s name=%s attempt=%d: %s\n%s", job_id, job.name, attempt, error, traceback or "")
-            elif applied:
-                logger.info("Job will retry job=%s name=%s attempt=%d: %s", job_id, job.name, attempt, error)
-        if not applied:
-            logger.warning("Dropped the outcome of job=%s attempt=%d: the attempt is stale (its lease was lost)", job_id, attempt)
-        self.metrics.jobs_finished.labels(job.tier, outcome if applied else "stale").inc()
-        if self.store_path is not None:
-            notify(self.store_path, WAITER)
+            return self.store.complete(job_id, attempt, result, self.node_id, now), "succeeded"
+
+        retry_at = None if kind == INVALID else now + self._retry_delay(job_id)
+        reason = "invalid_payload" if kind == INVALID else "job_error"
+        result_state = self.store.fail(job_id, attempt, error, traceback, reason, retry_at, self.node_id, now)
+        if result_state.applied and result_state.state is JobState.FAILED:
+            logger.error("Job failed job=%s name=%s attempt=%d: %s\n%s", job_id, job.name, attempt, error, traceback or "")
+        elif result_state.applied:
+            logger.info("Job will retry job=%s name=%s attempt=%d: %s", job_id, job.name, attempt, error)
+        return result_state.applied, result_state.state.value
 
     def _retry_delay(self, job_id: str) -> float:
         record = self.store.get(job_id)

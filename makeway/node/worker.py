@@ -7,9 +7,10 @@ Data flow over the worker's duplex pipe:
                            | ("critical_exit",)
 
 The worker never touches the store: a worker can be stopped with SIGSTOP at
-any moment, and a stopped process must not hold a store lock. It sends every
-message inside a critical section, so it is never stopped halfway through a
-send and the supervisor never blocks on a half-written message.
+any moment, and a stopped process must not hold a store lock. While a job
+runs, the worker sends each message inside a critical section, so the
+supervisor never stops it halfway through a send. An idle worker is never
+suspended.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def set_background_priority(nice: int, ionice: str, cpu_policy: str = "normal") 
 def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_policy: str, log_level: int,
                 sys_path: list[str]) -> None:
     # A process group of its own lets the supervisor stop, resume and kill the
-    # job together with any child processes the job starts; it also keeps a
+    # job together with any child processes the job starts. It also keeps a
     # terminal's Ctrl-C away from workers, so the supervisor decides shutdown.
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -25,7 +25,7 @@ def rank_candidates(candidates: Sequence[Candidate], tiers: Mapping[str, TierCon
     Overdue jobs come first, oldest first, whatever their tier. The rest go by
     tier rank, then effective priority (highest first), then submission time,
     so aging reorders jobs inside a tier but never lifts a job above a
-    higher tier; max_wait_s is what bounds waiting across tiers.
+    higher tier. Waiting across tiers is bounded by max_wait_s.
     """
 
     def key(candidate: Candidate) -> tuple:

@@ -64,7 +64,7 @@ def plan_suspensions(
 
     `interactive_demand` counts interactive jobs running or queued on this node.
     Suspension lasts while there is demand and for `policy.suspend_hold_s`
-    after the first call that sees it drained, so a burst of arrivals does not
+    after the first call with zero demand, so a burst of arrivals does not
     make workers thrash. The caller must call again as soon as demand drains.
     """
     if policy.suspend == "off" or policy.scheduling == "fifo":

@@ -108,7 +108,7 @@ class _Checkpointer:
         while not self._stopped.wait(self._interval_s):
             try:
                 # PASSIVE never waits for readers or writers, so it cannot
-                # hold up a claim; frames it could not copy wait for the next run.
+                # delay a claim. Frames it could not copy wait for the next run.
                 _, wal_pages, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if wal_pages >= RESTART_CHECKPOINT_PAGES:
                     # RESTART blocks writers while it copies the few frames
@@ -260,7 +260,7 @@ class SQLiteStore:
         return _record(rows[0]) if rows else None
 
     def cancel_queued(self, job_id: str, now: float, reason: str) -> Outcome:
-        """Cancel `job_id` if it is queued; `applied` says whether this call cancelled it."""
+        """Cancel `job_id` if it is queued; `applied` is True only if this call cancelled it."""
         with self._write() as db:
             row = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:

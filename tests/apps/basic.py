@@ -32,9 +32,7 @@ async def async_add(a, b):
 @app.job(tier="bulk")
 def spin(seconds):
     """Burn CPU for `seconds` of CPU time; return the worker pid."""
-    start = time.process_time()
-    while time.process_time() - start < seconds:
-        pass
+    _burn_cpu(seconds)
     return os.getpid()
 
 
@@ -74,18 +72,21 @@ def wait_for_file(path, timeout_s=60):
 @app.job(tier="interactive")
 def interactive_compute(milliseconds):
     """Burn `milliseconds` of CPU time, as a short interactive request would."""
-    start = time.process_time()
-    while time.process_time() - start < milliseconds / 1000:
-        pass
+    _burn_cpu(milliseconds / 1000)
     return milliseconds
 
 
 @app.job(tier="essential")
 def essential_spin(seconds):
+    _burn_cpu(seconds)
+    return os.getpid()
+
+
+def _burn_cpu(seconds):
+    """Busy-loop until this process has used `seconds` of CPU time; suspended time does not count."""
     start = time.process_time()
     while time.process_time() - start < seconds:
         pass
-    return os.getpid()
 
 
 def _max_gap_while_busy(seconds):
