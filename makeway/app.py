@@ -18,11 +18,12 @@ from makeway.jobs import JobHandle
 from makeway.policy import Settings, load_settings, validate_priority
 from makeway.serialization import JSON, PICKLE, SERIALIZERS, encode
 from makeway.store import NewJob, Store, open_store, resolve_store_url, sqlite_path
-from makeway.store.wakeup import NODE, notify
+from makeway.store.wakeup import CONTROL_HINT, NODE, notify
 
 logger = logging.getLogger(__name__)
 
-_OPTION_NAMES = ("tier", "priority", "max_retries", "delay_s", "idempotency_key", "metadata", "job_id")
+_OPTION_NAMES = ("tier", "priority", "max_retries", "delay_s", "idempotency_key", "metadata", "job_id", "timeout",
+                 "deadline")
 
 
 class App:
@@ -99,16 +100,20 @@ class App:
         priority: int = 0,
         max_retries: int | None = None,
         name: str | None = None,
+        timeout: float | None = None,
     ):
         """Register a job function; usable as `@app.job` or `@app.job(tier="interactive")`.
 
-        `name` defaults to "module:qualname". Nodes find the function by that
+        `timeout` is the run time in seconds each attempt may take, not
+        counting time suspended; a job past it is stopped and fails with the
+        reason `timed_out`. `name` defaults to "module:qualname". Nodes find the function by that
         name in the app they import, so a function defined in `__main__` needs
         an explicit name that the node's app registers too.
         """
 
         def register(function: Callable[..., Any]) -> JobFunction:
-            job_function = JobFunction(self, function, tier=tier, priority=priority, max_retries=max_retries, name=name)
+            job_function = JobFunction(self, function, tier=tier, priority=priority, max_retries=max_retries, name=name,
+                                       timeout=timeout)
             if job_function.name in self.registry:
                 raise UsageError(
                     f"job name {job_function.name!r} is already registered; pass name=... to tell the functions apart"
@@ -144,9 +149,10 @@ class App:
         """Return a handle for a job id, for example one passed from another process."""
         return JobHandle(self, job_id)
 
-    def _wake_nodes(self) -> None:
+    def _wake_nodes(self, control: bool = False) -> None:
+        """Wake the nodes on this store; `control` makes them re-read cancellations and pauses too."""
         if self.store_path is not None:
-            notify(self.store_path, NODE)
+            notify(self.store_path, NODE, CONTROL_HINT if control else b"")
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,16 @@ class JobOptions:
     idempotency_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
+    timeout: float | None = None
+    # Epoch seconds or an aware datetime; the job is cancelled once it passes.
+    deadline: Any = None
 
 
 class JobFunction:
     """A registered job function. Calling it runs it here; `submit` queues a job."""
 
     def __init__(self, app: App, fn: Callable[..., Any], *, tier: str | None, priority: int,
-                 max_retries: int | None, name: str | None):
+                 max_retries: int | None, name: str | None, timeout: float | None = None):
         self.app = app
         self.fn = fn
         self.name = name or _default_name(fn)
@@ -181,6 +190,7 @@ class JobFunction:
         app.settings.tier(self.tier)
         self.priority = validate_priority(priority)
         self.max_retries = app.settings.jobs.max_retries if max_retries is None else _validate_retries(max_retries)
+        self.timeout = _validate_timeout(timeout)
         self.signature = inspect.signature(fn)
         self.takes_context = "ctx" in self.signature.parameters
         # The parameters a caller passes: everything but the runtime-provided ctx.
@@ -197,7 +207,8 @@ class JobFunction:
         return self.fn(*args, **kwargs)
 
     def options(self, **options: Any) -> BoundJobFunction:
-        """Return this function with per-call options: tier, priority, max_retries, delay_s, idempotency_key, metadata, job_id."""
+        """Return this function with per-call options: tier, priority, max_retries, delay_s, idempotency_key,
+        metadata, job_id, timeout (seconds of run time) and deadline (epoch seconds or an aware datetime)."""
         unknown = sorted(set(options) - set(_OPTION_NAMES))
         if unknown:
             raise UsageError(f"option(s) {unknown} are unknown; use {list(_OPTION_NAMES)}")
@@ -263,6 +274,8 @@ class BoundJobFunction:
             not_before=time.time() + opts.delay_s,
             metadata=opts.metadata,
             idempotency_key=opts.idempotency_key,
+            timeout_s=function.timeout if opts.timeout is None else _validate_timeout(opts.timeout),
+            deadline=_validate_deadline(opts.deadline),
         ))
 
 
@@ -280,6 +293,31 @@ def _validate_retries(max_retries: object) -> int:
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise UsageError(f"max_retries {max_retries!r} is invalid; pass an integer >= 0")
     return max_retries
+
+
+def _validate_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise UsageError(f"timeout {timeout!r} is invalid; pass a finite number of seconds > 0, or None for no limit")
+    return float(timeout)
+
+
+def _validate_deadline(deadline: object) -> float | None:
+    import datetime
+
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime.datetime):
+        if deadline.tzinfo is None:
+            raise UsageError(
+                f"deadline {deadline!r} has no time zone; pass an aware datetime, "
+                "for example datetime.now(timezone.utc) + timedelta(minutes=5)"
+            )
+        return deadline.timestamp()
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        raise UsageError(f"deadline {deadline!r} is invalid; pass epoch seconds (time.time() + 60) or an aware datetime")
+    return float(deadline)
 
 
 def load_app(spec: str) -> App:

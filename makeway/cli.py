@@ -134,26 +134,81 @@ def submit(
         console.print_json(json.dumps(handle.result(timeout=timeout)))
 
 
+def _progress_text(record) -> str:
+    if record.progress_done is None:
+        return ""
+    text = f"{record.progress_done:g}"
+    if record.progress_total:
+        text += f"/{record.progress_total:g} ({100 * record.progress_done / record.progress_total:.0f} %)"
+    if record.progress_message:
+        text += f" {record.progress_message}"
+    return text
+
+
+def _job_details(record, events) -> dict[str, Any]:
+    preemptions: dict[str, int] = {}
+    for event in events:
+        mode = {"preempted": "suspend", "yielded": "yield", "requeued": "requeue"}.get(event.reason)
+        if mode is not None:
+            preemptions[mode] = preemptions.get(mode, 0) + 1
+    return {
+        "id": record.id, "name": record.name, "tier": record.tier, "priority": record.priority,
+        "state": record.state.value, "attempt": record.attempt, "failures": record.failures,
+        "max_retries": record.max_retries, "paused": record.paused, "node": record.node_id,
+        "worker_pid": record.worker_pid, "submitted_at": record.submitted_at, "started_at": record.started_at,
+        "finished_at": record.finished_at, "timeout_s": record.timeout_s, "deadline": record.deadline,
+        "progress": {"done": record.progress_done, "total": record.progress_total, "message": record.progress_message},
+        "checkpoints": record.checkpoints, "checkpoint_at": record.checkpoint_at,
+        "cancel_requested_at": record.cancel_requested_at, "cancel_reason": record.cancel_reason,
+        "preemptions": preemptions, "run_s": record.run_s, "cpu_s": record.cpu_s, "wasted_cpu_s": record.wasted_cpu_s,
+        "error": record.error,
+    }
+
+
 @cli.command()
 def status(
+    job_id: Optional[str] = typer.Argument(None, help="Show one job in detail instead of the summary."),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Show job counts per tier and state, running jobs and suspended workers."""
+    """Show job counts per tier and state, running jobs with their progress, pauses and per-tier accounting."""
+    from makeway.errors import UnknownJobError
+    from makeway.store import JobState
+
     job_store = _open_store(store, config)
+    if job_id is not None:
+        record = job_store.get(job_id)
+        if record is None:
+            raise UnknownJobError(f"job {job_id!r} is not in the store {job_store.url}; check the id and the --store URL")
+        details = _job_details(record, job_store.events(job_id))
+        if as_json:
+            console.print_json(json.dumps(details))
+            return
+        table = Table(title=f"Job {job_id}", show_header=False)
+        for key, value in details.items():
+            if key == "progress":
+                value = _progress_text(record)
+            table.add_row(key, "" if value is None else str(value))
+        console.print(table)
+        return
+
     counts = job_store.counts()
     active = job_store.active_jobs()
+    paused_tiers, paused_jobs = job_store.paused()
+    accounting = job_store.tier_accounting()
     if as_json:
         console.print_json(json.dumps({
             "store": job_store.url,
             "counts": [{"tier": tier, "state": state, "jobs": n} for (tier, state), n in sorted(counts.items())],
             "active": [{"id": r.id, "name": r.name, "tier": r.tier, "state": r.state.value, "attempt": r.attempt,
-                        "node": r.node_id, "worker_pid": r.worker_pid, "started_at": r.started_at} for r in active],
+                        "node": r.node_id, "worker_pid": r.worker_pid, "started_at": r.started_at,
+                        "progress": {"done": r.progress_done, "total": r.progress_total, "message": r.progress_message},
+                        "cancel_requested": r.cancel_requested_at is not None} for r in active],
+            "paused": {"tiers": sorted(paused_tiers), "jobs": sorted(paused_jobs)},
+            "accounting": accounting,
         }))
         return
-
-    from makeway.store import JobState
 
     states = [state.value for state in JobState]
     table = Table(title=f"Jobs in {job_store.url}")
@@ -161,20 +216,111 @@ def status(
     for state in states:
         table.add_column(state, justify="right")
     for tier in sorted({tier for tier, _ in counts}):
-        table.add_row(tier, *(str(counts.get((tier, state), 0)) for state in states))
+        name = f"{tier} (paused)" if tier in paused_tiers else tier
+        table.add_row(name, *(str(counts.get((tier, state), 0)) for state in states))
     console.print(table)
 
     running = Table(title="Running and suspended jobs")
-    for column in ("job", "name", "tier", "state", "attempt", "worker pid", "node", "running for"):
+    for column in ("job", "name", "tier", "state", "attempt", "worker pid", "node", "running for", "progress"):
         running.add_column(column)
     now = time.time()
     for record in active:
-        running.add_row(record.id, record.name, record.tier, record.state.value, str(record.attempt),
-                        str(record.worker_pid), record.node_id or "", f"{now - (record.started_at or now):.1f} s")
+        state = record.state.value + (" (cancelling)" if record.cancel_requested_at is not None else "")
+        running.add_row(record.id, record.name, record.tier, state, str(record.attempt),
+                        str(record.worker_pid), record.node_id or "", f"{now - (record.started_at or now):.1f} s",
+                        _progress_text(record))
     console.print(running)
     suspended = [r for r in active if r.state is JobState.SUSPENDED]
     console.print(f"Suspended workers: {len(suspended)}"
                   + (" (pids " + ", ".join(str(r.worker_pid) for r in suspended) + ")" if suspended else ""))
+    if paused_jobs:
+        console.print("Paused jobs: " + ", ".join(sorted(paused_jobs)))
+    if accounting:
+        usage = Table(title="Accounting per tier")
+        columns = ("tier", "attempts", "checkpoints", "suspend", "yield", "requeue", "cpu s", "wasted cpu s")
+        for column in columns:
+            usage.add_column(column, justify="left" if column == "tier" else "right")
+        for row in accounting:
+            usage.add_row(row["tier"], str(row["attempts"]), str(row["checkpoints"]), str(row["preemptions"]["suspend"]),
+                          str(row["preemptions"]["yield"]), str(row["preemptions"]["requeue"]),
+                          f"{row['cpu_s']:.2f}", f"{row['wasted_cpu_s']:.2f}")
+        console.print(usage)
+
+
+@cli.command()
+def cancel(
+    job_ids: List[str] = typer.Argument(..., help="Ids of the jobs to cancel."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for running jobs to stop; 0 returns at once."),
+) -> None:
+    """Cancel jobs: queued ones at once, running ones through their node (flag, SIGTERM, then SIGKILL)."""
+    from makeway.jobs import wait_for_final
+    from makeway.store.wakeup import CONTROL_HINT, NODE, notify
+
+    if wait < 0:
+        raise UsageError(f"--wait {wait} is invalid; pass a number of seconds >= 0")
+    job_store = _open_store(store, config)
+    for job_id in job_ids:
+        outcome = job_store.request_cancel(job_id, time.time(), reason="cancelled_by_user", detail="makeway cancel")
+        state = outcome.state
+        if not state.is_final:
+            path = getattr(job_store, "path", None)
+            if path is not None:
+                notify(path, NODE, CONTROL_HINT)
+            if wait > 0:
+                state = wait_for_final(job_store, job_id, wait)
+        if state.is_final and not outcome.applied:
+            console.print(f"{job_id}: already {state.value}, left alone")
+        elif state.is_final:
+            console.print(f"{job_id}: {state.value}")
+        else:
+            console.print(f"{job_id}: cancelling (still {state.value}; its node stops it)")
+
+
+def _set_paused(target: str, paused: bool, store: str | None, config: str | None) -> None:
+    from makeway.policy import load_settings
+    from makeway.store.wakeup import CONTROL_HINT, NODE, notify
+
+    settings, _ = load_settings(config)
+    job_store = _open_store(store, config)
+    now = time.time()
+    if target in settings.tiers:
+        if not settings.tiers[target].preemptible and paused:
+            raise UsageError(f"tier {target!r} is not preemptible, so it cannot be paused; pause a background tier")
+        changed = job_store.set_paused(tier=target, paused=paused, now=now)
+        what = f"tier {target}"
+    elif job_store.get(target) is not None:
+        changed = job_store.set_paused(job_id=target, paused=paused, now=now)
+        what = f"job {target}"
+    else:
+        raise UsageError(f"{target!r} is neither a tier ({', '.join(sorted(settings.tiers))}) nor a job id in "
+                         f"{job_store.url}; check the name")
+    path = getattr(job_store, "path", None)
+    if path is not None:
+        notify(path, NODE, CONTROL_HINT)
+    verb = "paused" if paused else "resumed"
+    console.print(f"{what}: {verb}" if changed else f"{what}: already {verb}")
+
+
+@cli.command()
+def pause(
+    target: str = typer.Argument(..., help="A tier name or a job id."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Pause a tier or a job: nothing new is claimed, and running jobs yield or are suspended."""
+    _set_paused(target, True, store, config)
+
+
+@cli.command()
+def resume(
+    target: str = typer.Argument(..., help="A tier name or a job id."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Lift a pause set by `makeway pause`."""
+    _set_paused(target, False, store, config)
 
 
 @cli.command()

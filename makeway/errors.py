@@ -65,3 +65,27 @@ class RuntimeFault(MakewayError):
 
 class StoreError(RuntimeFault):
     """The store could not be opened, migrated or written."""
+
+
+class JobInterrupt(BaseException):
+    """Raised inside job code when the runtime takes the job's slot away.
+
+    It derives from BaseException, as `asyncio.CancelledError` does, so that
+    `except Exception` in job code cannot swallow it. Let it propagate: the
+    worker catches it and reports why the attempt ended. A job that returns
+    normally has always succeeded.
+    """
+
+
+class YieldRequested(JobInterrupt):
+    """The supervisor asked the job to give up its slot; the job is queued again
+    and a later attempt resumes from the last checkpoint."""
+
+
+class CancellationRequested(JobInterrupt):
+    """The job was cancelled (by a user, its time limit or its deadline) and must stop."""
+
+
+class StaleAttempt(JobInterrupt):
+    """This attempt lost its lease: a newer attempt owns the job, so this one must stop
+    without writing anything more."""

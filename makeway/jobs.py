@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from makeway.errors import JobCancelled, JobFailed, UnknownJobError, UsageError
+from makeway.errors import (
+    CancellationRequested,
+    JobCancelled,
+    JobFailed,
+    PayloadError,
+    StaleAttempt,
+    UnknownJobError,
+    UsageError,
+    YieldRequested,
+)
+from makeway.node.flags import CANCEL_REQUESTED as CANCEL_INDEX
+from makeway.node.flags import YIELD_REQUESTED as YIELD_INDEX
 from makeway.serialization import decode
 from makeway.store import JobState
 from makeway.store.wakeup import WAITER, Listener
@@ -96,13 +110,50 @@ class JobHandle:
             remote_traceback=record.traceback,
         )
 
-    def cancel(self) -> bool:
-        """Cancel the job if it is still queued; return True if it is cancelled now.
+    def cancel(self, wait: float | None = 0.0) -> JobState:
+        """Cancel the job and return its state afterwards.
 
-        A job that is running, or already ended, is left alone and False is
-        returned. NOTE: cancelling a running job is not supported yet.
+        A queued job is cancelled at once and never starts. A running or
+        suspended job is told to stop: its node sets the cancellation flag,
+        then sends SIGTERM and finally SIGKILL to its process group after the
+        grace periods (`jobs.cancel_grace_s`, `jobs.kill_grace_s`). The job
+        stays running or suspended until its node confirms the stop, so the
+        state returned never says "cancelled" while job code still runs.
+
+        `wait` is how many seconds to wait for that confirmation (None: until
+        the job ends). A job that ended before the request keeps its final
+        state: a job that completed is not undone.
         """
-        return self.app.store.cancel_queued(self.id, time.time(), reason="cancelled_by_user").applied
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
+            raise UsageError(f"wait {wait!r} is invalid; pass a number of seconds >= 0, or None to wait until the job ends")
+        outcome = self.app.store.request_cancel(self.id, time.time(), reason="cancelled_by_user")
+        if outcome.state.is_final:
+            return outcome.state
+        self.app._wake_nodes(control=True)
+        if wait == 0:
+            return outcome.state
+        try:
+            self.result(timeout=wait)
+        except (JobCancelled, JobFailed, TimeoutError):
+            pass
+        return self.status()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once someone asked to cancel this job."""
+        return self._record().cancel_requested_at is not None
+
+
+def wait_for_final(store, job_id: str, timeout_s: float) -> JobState:
+    """Poll `store` until the job ends or `timeout_s` passes; return its state then."""
+    deadline = time.monotonic() + timeout_s
+    poll_s = 0.01
+    while True:
+        record = store.get(job_id)
+        if record.state.is_final or time.monotonic() >= deadline:
+            return record.state
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        poll_s = min(poll_s * 2, RESULT_POLL_MAX_S)
 
 
 def _wait_readable(listener: Listener, timeout_s: float) -> None:
@@ -111,13 +162,23 @@ def _wait_readable(listener: Listener, timeout_s: float) -> None:
     select.select([listener], [], [], max(timeout_s, 0))
 
 
+# The key under which ctx.iterate keeps its cursor and state in a checkpoint.
+ITERATE_KEY = "makeway.iterate"
+# Progress reports between checkpoints go to the supervisor at most this often.
+PROGRESS_INTERVAL_S = 0.2
+
+
 class JobContext:
     """Runtime interface for a running job, passed to a job function's `ctx` parameter.
 
-    Never serialized: each worker builds one per attempt.
+    Never serialized: each worker builds one per attempt. Outside a worker (a
+    job function called directly with a context from `JobContext.local()`),
+    checkpoints stay in memory and nothing ever asks the job to yield.
     """
 
-    def __init__(self, *, job_id: str, name: str, tier: str, attempt: int, metadata: dict[str, Any], flags: WorkerFlags | None):
+    def __init__(self, *, job_id: str, name: str, tier: str, attempt: int, metadata: dict[str, Any],
+                 flags: WorkerFlags | None, channel: Any = None, resume_state: Any = None,
+                 state_limit_bytes: int = 1_048_576):
         self.job_id = job_id
         self.name = name
         self.tier = tier
@@ -125,6 +186,140 @@ class JobContext:
         self.metadata = metadata
         self.logger = logging.getLogger(f"makeway.job.{name}")
         self._flags = flags
+        self._array = flags.array if flags is not None else [0] * 4
+        self._channel = channel
+        self._resume_state = resume_state
+        self._state_limit_bytes = state_limit_bytes
+        self._progress: tuple[float, float | None, str | None] | None = None
+        self._progress_sent_at = 0.0
+        self.last_checkpoint: Any = None
+
+    @classmethod
+    def local(cls, name: str = "local", resume_state: Any = None) -> JobContext:
+        """A context for calling a job function directly, in tests or a shell."""
+        return cls(job_id="local", name=name, tier="local", attempt=1, metadata={}, flags=None,
+                   resume_state=resume_state)
+
+    # -- yield points -----------------------------------------------------
+
+    def should_yield(self) -> bool:
+        """True when the supervisor asks this job to give up its slot.
+
+        A read of shared memory, cheap enough to call on every item. On True,
+        call `checkpoint()`, which saves the state and ends the attempt; the
+        job is queued again and resumes from that checkpoint.
+        """
+        return self._array[YIELD_INDEX] != 0
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job has been cancelled, by a user, its time limit or its deadline."""
+        return self._array[CANCEL_INDEX] != 0
+
+    def raise_if_cancelled(self) -> None:
+        """Raise CancellationRequested if the job has been cancelled."""
+        if self._array[CANCEL_INDEX]:
+            raise CancellationRequested(f"job {self.job_id} was cancelled")
+
+    @property
+    def resume_state(self) -> Any:
+        """The state of the last checkpoint of an earlier attempt, or None on a first run."""
+        return self._resume_state
+
+    def checkpoint(self, state: Any) -> None:
+        """Save `state` (a JSON value) so that a later attempt resumes from it.
+
+        The write is fenced by the attempt number and carries the latest
+        `progress()`. Afterwards the call raises YieldRequested if the
+        supervisor asked the job to yield, and CancellationRequested if the job
+        was cancelled; let both propagate. StaleAttempt means this attempt has
+        lost its lease and another owns the job.
+        """
+        text = _encode_state(state, self._state_limit_bytes)
+        if self._channel is None:
+            self.last_checkpoint = json.loads(text)
+        elif not self._channel.checkpoint(text, self._progress):
+            raise StaleAttempt(f"job {self.job_id} attempt {self.attempt} lost its lease; its checkpoint was rejected")
+        else:
+            self.last_checkpoint = state
+        if self._array[CANCEL_INDEX]:
+            raise CancellationRequested(f"job {self.job_id} was cancelled")
+        if self._array[YIELD_INDEX]:
+            raise YieldRequested(f"job {self.job_id} yields its slot at a checkpoint")
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report progress, shown by `makeway status`; cheap to call often."""
+        for label, value in (("done", done), ("total", total)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UsageError(f"progress {label} {value!r} is invalid; pass a number")
+        if message is not None and not isinstance(message, str):
+            raise UsageError(f"progress message {message!r} is invalid; pass a string or None")
+        self._progress = (float(done), None if total is None else float(total), message)
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if self._channel is not None and (finished or now - self._progress_sent_at >= PROGRESS_INTERVAL_S):
+            self._progress_sent_at = now
+            self._channel.progress(*self._progress)
+
+    def iterate(self, items: Iterable[Any], *, state: dict[str, Any] | None = None,
+                checkpoint_every: int | None = None, seconds: float | None = 10.0,
+                batch: int | None = None) -> Iterator[Any]:
+        """Iterate over `items` from where an earlier attempt stopped, checkpointing as it goes.
+
+        The cursor counts the items already processed, so it names a position
+        in the input: an item is counted only once the loop body for it has
+        run, and changing `batch` between attempts skips nothing. `state` is a
+        dict the loop carries between items (a running total, say); it is saved
+        with the cursor and restored in place on resume.
+
+        A checkpoint is written every `checkpoint_every` items or `seconds`
+        seconds, whichever comes first, at the end of the input, and whenever
+        the supervisor asks the job to yield (the loop then raises
+        YieldRequested). With `batch`, the loop yields lists of up to `batch`
+        items and checkpoints only between batches.
+        """
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise UsageError(f"checkpoint_every {checkpoint_every!r} is invalid; pass an integer >= 1 or None")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+            raise UsageError(f"seconds {seconds!r} is invalid; pass a number of seconds > 0 or None")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise UsageError(f"batch {batch!r} is invalid; pass an integer >= 1 or None")
+        if state is not None and not isinstance(state, dict):
+            raise UsageError(f"state {state!r} is invalid; pass a dict of JSON values, updated in place")
+
+        cursor, finished = 0, False
+        saved = self._resume_state.get(ITERATE_KEY) if isinstance(self._resume_state, dict) else None
+        if saved is not None:
+            cursor, finished = int(saved["cursor"]), bool(saved.get("finished"))
+            if state is not None:
+                state.clear()
+                state.update(saved.get("state") or {})
+        if finished:
+            return
+
+        def save(position: int, done: bool) -> None:
+            self.checkpoint({ITERATE_KEY: {"cursor": position, "state": state, "finished": done}})
+
+        position = cursor
+        since = 0
+        last_saved_at = time.monotonic()
+        array = self._array
+        for chunk, size in _chunks(_skip(items, cursor), batch):
+            yield chunk
+            position += size
+            since += size
+            if array[CANCEL_INDEX]:
+                raise CancellationRequested(f"job {self.job_id} was cancelled")
+            if array[YIELD_INDEX] or (checkpoint_every is not None and since >= checkpoint_every) or (
+                seconds is not None and time.monotonic() - last_saved_at >= seconds
+            ):
+                save(position, False)
+                since = 0
+                last_saved_at = time.monotonic()
+        save(position, True)
+
+    # -- critical sections ------------------------------------------------
 
     @contextmanager
     def critical(self) -> Iterator[None]:
@@ -143,3 +338,40 @@ class JobContext:
             yield
         finally:
             self._flags.exit_critical()
+
+
+def _encode_state(state: Any, limit_bytes: int) -> str:
+    try:
+        text = json.dumps(state, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"checkpoint state {state!r:.200} is not JSON ({exc}); pass dicts, lists, strings, numbers, "
+            "booleans and None only"
+        ) from None
+    if len(text) > limit_bytes:
+        raise PayloadError(
+            f"checkpoint state is {len(text)} bytes, over jobs.payload_limit_bytes = {limit_bytes}; "
+            "store large data elsewhere and checkpoint a reference to it"
+        )
+    return text
+
+
+def _skip(items: Iterable[Any], count: int) -> Iterator[Any]:
+    """Iterate `items` from position `count`, without materialising what is skipped where possible."""
+    if isinstance(items, range):
+        return iter(items[count:])
+    if isinstance(items, Sequence) and not isinstance(items, (str, bytes)):
+        return (items[index] for index in range(count, len(items)))
+    return itertools.islice(iter(items), count, None)
+
+
+def _chunks(iterator: Iterator[Any], batch: int | None) -> Iterator[tuple[Any, int]]:
+    if batch is None:
+        for item in iterator:
+            yield item, 1
+        return
+    while True:
+        chunk = list(itertools.islice(iterator, batch))
+        if not chunk:
+            return
+        yield chunk, len(chunk)

@@ -31,6 +31,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PreemptionMode = Literal["suspend", "yield", "requeue"]
+
+
 class TierConfig(_Strict):
     """Rules of one tier. A lower rank runs first and may preempt higher ranks."""
 
@@ -45,6 +48,25 @@ class TierConfig(_Strict):
     # Fraction of every min_share_period_s that the tier runs even while higher
     # tiers keep it suspended, so that no tier starves.
     min_share: float = Field(default=0.05, ge=0, lt=1)
+    # Preemption modes usable against this tier, in the order they are tried.
+    # Interactive work suspends the tier's jobs if "suspend" is listed. Handing
+    # a slot to another background job (time slicing, a higher tier, a pause)
+    # asks the job to yield, then falls back to the next mode after
+    # yield_grace_s; suspension frees a core but not a worker, so it serves
+    # pauses only.
+    preemption: tuple[PreemptionMode, ...] = ("suspend", "yield", "requeue")
+    # A running job of this tier keeps its slot at least this long when jobs of
+    # the same or a higher tier wait, unless one of them is past its max_wait_s.
+    quantum_s: float = Field(default=30.0, gt=0)
+    yield_grace_s: float = Field(default=5.0, ge=0)
+    # For "requeue": time between asking the job to yield and SIGTERM.
+    requeue_grace_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _known_modes_once(self) -> TierConfig:
+        if len(set(self.preemption)) != len(self.preemption):
+            raise ValueError(f"preemption = {list(self.preemption)} lists a mode twice; list each mode once")
+        return self
 
 
 DEFAULT_TIERS: dict[str, TierConfig] = {
@@ -116,6 +138,11 @@ class JobDefaults(_Strict):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     payload_limit_bytes: int = Field(default=1_048_576, ge=1)
+    # Cancelling a running job (by a user, a time limit or a deadline) sets its
+    # cancellation flag, sends SIGTERM to its process group cancel_grace_s
+    # later, and SIGKILL kill_grace_s after that.
+    cancel_grace_s: float = Field(default=0.5, ge=0, le=3600)
+    kill_grace_s: float = Field(default=3.0, ge=0, le=3600)
 
 
 class Settings(_Strict):

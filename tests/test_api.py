@@ -384,25 +384,37 @@ def test_result_of_completed_job(app, add):
 def test_cancel_queued_job(add):
     handle = add.submit(1, 2)
 
-    assert handle.cancel() is True
+    assert handle.cancel() is JobState.CANCELLED
     assert handle.status() is JobState.CANCELLED
     with pytest.raises(JobCancelled):
         handle.result(timeout=0)
 
 
-def test_cancel_twice_returns_false(add):
+def test_cancel_twice_keeps_cancelled(app, add):
     handle = add.submit(1, 2)
     handle.cancel()
 
-    assert handle.cancel() is False
+    assert handle.cancel() is JobState.CANCELLED
+    assert [event.reason for event in app.store.events(handle.id)].count("cancelled_by_user") == 1
 
 
-def test_cancel_running_job_returns_false(app, add):
+def test_cancel_running_job_reports_running_until_its_node_stops_it(app, add):
     handle = add.submit(1, 2)
     app.store.claim(handle.id, "node-a", 1, 2e9, 1e9)
 
-    assert handle.cancel() is False
+    assert handle.cancel() is JobState.RUNNING
     assert handle.status() is JobState.RUNNING
+    assert handle.cancel_requested
+    assert app.store.cancel_requests("node-a") == [(handle.id, 1, "cancelled_by_user")]
+
+
+def test_cancel_completed_job_keeps_its_result(app, add):
+    handle = add.submit(1, 2)
+    app.store.claim(handle.id, "node-a", 1, 2e9, 1e9)
+    app.store.complete(handle.id, 1, b"3", "node-a", 1e9 + 1)
+
+    assert handle.cancel() is JobState.SUCCEEDED
+    assert handle.result(timeout=0) == 3
 
 
 def test_handle_unknown_status_raises(app):

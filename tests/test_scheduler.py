@@ -10,12 +10,13 @@ from makeway.policy import DEFAULT_TIERS, PolicyConfig, TierConfig
 from makeway.scheduler.dispatch import effective_priority, rank_candidates, rank_fifo
 from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspensions
 from makeway.scheduler.retry import retry_delay_s
+from makeway.scheduler.slicing import MAX_WAIT, TIME_SLICE, SlotHolder, plan_handoffs
 from makeway.store import Candidate
 
 TIERS = dict(DEFAULT_TIERS)
 
 
-def candidate(job_id, tier="bulk", priority=0, submitted_at=0.0):
+def candidate(job_id, tier="bulk", priority=0, submitted_at=0.0, queued_at=None, waited_s=0.0):
     return Candidate(
         id=job_id,
         name="tests.jobs:work",
@@ -23,6 +24,8 @@ def candidate(job_id, tier="bulk", priority=0, submitted_at=0.0):
         tier_rank=TIERS[tier].rank if tier in TIERS else 99,
         priority=priority,
         submitted_at=submitted_at,
+        queued_at=submitted_at if queued_at is None else queued_at,
+        waited_s=waited_s,
     )
 
 
@@ -427,3 +430,98 @@ def test_retry_delay_zero_failures_like_first():
 
 def test_retry_delay_zero_base():
     assert retry_delay_s(5, 0.0, 300.0, random.Random(3)) == 0.0
+
+
+# -- plan_handoffs (time slicing) -----------------------------------------
+
+
+SLICE_TIERS = {
+    **TIERS,
+    "essential": TIERS["essential"].model_copy(update={"max_wait_s": 2.0, "quantum_s": 10.0}),
+    "bulk": TIERS["bulk"].model_copy(update={"quantum_s": 10.0}),
+}
+
+
+def test_handoff_none_while_quantum_runs_and_nobody_overdue():
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=100.0)]
+    waiting = [candidate("b2", "bulk", submitted_at=1000.0)]
+
+    assert plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=1001.0, now=105.0) == []
+
+
+def test_handoff_rotates_same_tier_after_quantum():
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=100.0)]
+    waiting = [candidate("b2", "bulk", submitted_at=1000.0)]
+
+    handoffs = plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=1011.0, now=111.0)
+
+    assert [(h.victim, h.beneficiary, h.reason) for h in handoffs] == [("w1", "b2", TIME_SLICE)]
+
+
+def test_handoff_not_to_lower_priority_of_same_tier():
+    holders = [SlotHolder("w1", "bulk", 5, slice_started_at=100.0)]
+    waiting = [candidate("b2", "bulk", priority=0, submitted_at=1010.0)]
+
+    assert plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=1011.0, now=200.0) == []
+
+
+def test_handoff_higher_tier_overdue_takes_slot_before_quantum():
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=100.0)]
+    waiting = [candidate("e1", "essential", submitted_at=1000.0)]
+
+    early = plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=1001.0, now=101.0)
+    overdue = plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=1002.5, now=102.5)
+
+    assert early == []
+    assert [(h.victim, h.reason) for h in overdue] == [("w1", MAX_WAIT)]
+
+
+def test_handoff_never_from_higher_tier_to_lower():
+    holders = [SlotHolder("w1", "essential", 0, slice_started_at=0.0)]
+    waiting = [candidate("b1", "bulk", submitted_at=0.0)]
+
+    assert plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=99_999.0, now=99_999.0) == []
+
+
+def test_handoff_skips_waiting_jobs_that_get_a_free_slot():
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=0.0)]
+    waiting = [candidate("b2", "bulk", submitted_at=0.0)]
+
+    assert plan_handoffs(SLICE_TIERS, holders, waiting, 1, wall_now=500.0, now=500.0) == []
+
+
+def test_handoff_takes_lowest_tier_first_and_one_slot_per_job():
+    holders = [
+        SlotHolder("essential-1", "essential", 0, slice_started_at=0.0),
+        SlotHolder("bulk-1", "bulk", 0, slice_started_at=0.0),
+        SlotHolder("opportunistic-1", "opportunistic", 0, slice_started_at=0.0),
+    ]
+    waiting = [candidate("e1", "essential", submitted_at=0.0), candidate("e2", "essential", submitted_at=1.0)]
+
+    handoffs = plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=100.0, now=100.0)
+
+    assert [(h.victim, h.beneficiary) for h in handoffs] == [("bulk-1", "e1"), ("opportunistic-1", "e2")]
+
+
+def test_handoff_ignores_tiers_without_yield_or_requeue():
+    tiers = {**SLICE_TIERS, "bulk": SLICE_TIERS["bulk"].model_copy(update={"preemption": ("suspend",)})}
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=0.0)]
+    waiting = [candidate("e1", "essential", submitted_at=0.0)]
+
+    assert plan_handoffs(tiers, holders, waiting, 0, wall_now=100.0, now=100.0) == []
+
+
+def test_requeued_job_ranks_behind_one_that_waited_longer():
+    # b1 ran and yielded at t=100 after waiting 30 s before; b2 has waited since t=70.
+    yielded = candidate("b1", "bulk", submitted_at=0.0, queued_at=100.0, waited_s=30.0)
+    waiting = candidate("b2", "bulk", submitted_at=70.0, queued_at=70.0)
+
+    assert ranked_ids([yielded, waiting], now=100.0) == ["b2", "b1"]
+    # The yielded job keeps its earlier credit: it beats a job that arrived just now.
+    newcomer = candidate("b3", "bulk", submitted_at=100.0)
+    assert ranked_ids([newcomer, yielded], now=100.0) == ["b1", "b3"]
+
+
+def test_tier_rejects_a_mode_listed_twice():
+    with pytest.raises(ValueError, match="lists a mode twice"):
+        TierConfig(rank=5, preemption=("yield", "yield"))

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from makeway.errors import MakewayError, StoreError
-from makeway.store import JobState, NewJob, open_store
+from makeway.store import JobState, NewJob, Outcome, open_store
+from makeway.store.base import Usage
 from makeway.store.sqlite import MIGRATIONS
 
 NODE = "node-a"
@@ -17,7 +18,7 @@ NAME = "tests.jobs:work"
 
 
 def new_job(job_id, *, name=NAME, tier="bulk", tier_rank=30, priority=0, not_before=0.0,
-            idempotency_key=None, max_retries=3, payload=b'{"args":[],"kwargs":{}}'):
+            idempotency_key=None, max_retries=3, payload=b'{"args":[],"kwargs":{}}', deadline=None, timeout_s=None):
     return NewJob(
         id=job_id,
         name=name,
@@ -30,6 +31,8 @@ def new_job(job_id, *, name=NAME, tier="bulk", tier_rank=30, priority=0, not_bef
         not_before=not_before,
         metadata={"origin": "test"},
         idempotency_key=idempotency_key,
+        deadline=deadline,
+        timeout_s=timeout_s,
     )
 
 
@@ -197,7 +200,7 @@ def test_candidates_order(store):
 def test_candidates_only_queued(store):
     store.submit([new_job("queued"), new_job("running"), new_job("cancelled")])
     claim(store, "running")
-    store.cancel_queued("cancelled", 1000.0, "test")
+    store.request_cancel("cancelled", 1000.0, "test")
 
     assert candidate_ids(store) == ["queued"]
 
@@ -472,13 +475,13 @@ def test_requeue_expired_then_claim_fences_old(store):
     assert store.get("a").result == b'"new"'
 
 
-# -- cancel_queued --------------------------------------------------------
+# -- cancellation ---------------------------------------------------------
 
 
 def test_cancel_queued_job(store):
     store.submit([new_job("a")])
 
-    outcome = store.cancel_queued("a", 1000.0, "cancelled_by_user")
+    outcome = store.request_cancel("a", 1000.0, "cancelled_by_user")
 
     assert outcome.state is JobState.CANCELLED
     assert outcome.applied
@@ -487,16 +490,122 @@ def test_cancel_queued_job(store):
     assert candidate_ids(store) == []
 
 
-def test_cancel_running_job_unchanged(store):
+def test_cancel_running_job_records_request_only(store):
     store.submit([new_job("a")])
     claim(store, "a")
 
-    outcome = store.cancel_queued("a", 1001.0, "cancelled_by_user")
+    outcome = store.request_cancel("a", 1001.0, "cancelled_by_user")
 
     assert outcome.state is JobState.RUNNING
-    assert not outcome.applied
-    assert store.get("a").state is JobState.RUNNING
-    assert store.events("a")[-1].reason == "claimed"
+    assert outcome.applied
+    record = store.get("a")
+    assert record.state is JobState.RUNNING
+    assert record.cancel_requested_at == 1001.0
+    assert store.events("a")[-1].reason == "cancel_requested"
+    assert store.cancel_requests(NODE) == [("a", 1, "cancelled_by_user")]
+    assert store.cancel_requests("other-node") == []
+
+
+def test_cancel_ended_job_not_applied(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+    store.complete("a", 1, b"1", NODE, 1001.0)
+
+    outcome = store.request_cancel("a", 1002.0, "cancelled_by_user")
+
+    assert outcome == Outcome(JobState.SUCCEEDED, applied=False)
+    assert store.get("a").result == b"1"
+
+
+def test_finish_cancelled_fenced_by_attempt(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+    store.requeue("a", 1, "yielded", NODE, 1001.0)
+    claim(store, "a", now=1002.0)
+
+    assert store.finish_cancelled("a", 1, "cancelled_by_user", None, NODE, 1003.0) is False
+    assert store.finish_cancelled("a", 2, "cancelled_by_user", None, NODE, 1003.0) is True
+    assert store.get("a").state is JobState.CANCELLED
+    assert store.events("a")[-1].reason == "cancelled_by_user"
+
+
+def test_cancel_overdue_cancels_queued_jobs_past_deadline(store):
+    store.submit([new_job("late", deadline=1000.0), new_job("on-time", deadline=5000.0), new_job("none")])
+
+    assert store.cancel_overdue(2000.0) == ["late"]
+    assert store.get("late").state is JobState.CANCELLED
+    assert store.events("late")[-1].reason == "deadline_exceeded"
+    assert sorted(candidate_ids(store)) == ["none", "on-time"]
+
+
+# -- checkpoints and progress ----------------------------------------------
+
+
+def test_checkpoint_from_stale_attempt_rejected(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+    assert store.save_checkpoint("a", 1, '{"cursor": 10}', 1001.0) is True
+    store.requeue("a", 1, "yielded", NODE, 1002.0)
+    claim(store, "a", now=1003.0)
+
+    assert store.save_checkpoint("a", 1, '{"cursor": 999}', 1004.0) is False
+    record = store.get("a")
+    assert record.checkpoint == '{"cursor": 10}'
+    assert record.checkpoint_attempt == 1
+    assert record.checkpoints == 1
+    assert store.save_checkpoint("a", 2, '{"cursor": 20}', 1005.0, progress=(20.0, 100.0, "halfway")) is True
+    record = store.get("a")
+    assert (record.checkpoint, record.checkpoint_attempt, record.checkpoints) == ('{"cursor": 20}', 2, 2)
+    assert (record.progress_done, record.progress_total, record.progress_message) == (20.0, 100.0, "halfway")
+
+
+def test_claim_returns_last_checkpoint(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+    store.save_checkpoint("a", 1, '{"cursor": 7}', 1001.0)
+    store.requeue("a", 1, "yielded", NODE, 1002.0)
+
+    second = store.claim("a", NODE, 1, 2e9, 1003.0)
+
+    assert second.attempt == 2
+    assert second.checkpoint == '{"cursor": 7}'
+
+
+def test_progress_fenced_by_attempt(store):
+    store.submit([new_job("a")])
+    claim(store, "a")
+
+    assert store.set_progress("a", 1, 5, 10, "half", 1001.0) is True
+    assert store.set_progress("a", 2, 9, 10, "stale", 1002.0) is False
+    assert store.get("a").progress_message == "half"
+
+
+def test_requeue_keeps_failures_and_moves_queue_time(store):
+    store.submit([new_job("a", max_retries=1)])
+    claim(store, "a", now=1001.0)
+
+    assert store.requeue("a", 1, "yielded", NODE, 1010.0, usage=Usage(run_s=9.0, cpu_s=8.0, wasted_cpu_s=0.5))
+    record = store.get("a")
+    assert record.state is JobState.QUEUED
+    assert record.failures == 0
+    assert record.queued_at == 1010.0
+    assert (record.run_s, record.cpu_s, record.wasted_cpu_s) == (9.0, 8.0, 0.5)
+
+
+def test_pause_tier_and_job(store):
+    store.submit([new_job("a"), new_job("b")])
+
+    assert store.set_paused(tier="bulk", paused=True, now=1000.0) is True
+    assert store.set_paused(tier="bulk", paused=True, now=1000.0) is False
+    assert store.set_paused(job_id="a", paused=True, now=1000.0) is True
+    assert store.paused() == ({"bulk"}, {"a"})
+    assert candidate_ids(store) == ["b"]
+    assert store.claim("a", NODE, 1, 2e9, 1001.0) is None
+
+    store.set_paused(job_id="a", paused=False, now=1002.0)
+    store.set_paused(tier="bulk", paused=False, now=1002.0)
+    assert store.paused() == (set(), set())
+    assert sorted(candidate_ids(store)) == ["a", "b"]
 
 
 # -- events ---------------------------------------------------------------
@@ -536,7 +645,7 @@ def test_events_for_every_transition(store):
 
 def test_events_cancel_and_fail(store):
     store.submit([new_job("cancelled"), new_job("failed", max_retries=0)])
-    store.cancel_queued("cancelled", 1000.0, "cancelled_by_user")
+    store.request_cancel("cancelled", 1000.0, "cancelled_by_user")
     claim(store, "failed", now=1001.0)
     store.fail("failed", 1, "boom", None, "raised", None, NODE, 1002.0)
 

@@ -1,4 +1,8 @@
-"""Per-worker flags in shared memory, written by a job and read by its supervisor.
+"""Per-worker flags in shared memory between a worker and its supervisor.
+
+The job writes the critical-section depth; the supervisor writes the
+suspend-pending, yield and cancellation requests. Reading a flag is one
+index into shared memory: no system call and no store access.
 
 The supervisor creates each array before it starts the worker and passes it
 to the child at spawn, so no named segment exists that a killed worker could
@@ -14,6 +18,10 @@ CRITICAL_DEPTH = 0
 # Set by the supervisor when it wanted to suspend the worker but found it
 # inside a critical section; the worker then reports the section's end.
 SUSPEND_PENDING = 1
+# Set by the supervisor to ask the running job to give up its slot at its next
+# yield point, and to tell it that it has been cancelled.
+YIELD_REQUESTED = 2
+CANCEL_REQUESTED = 3
 _SIZE = 4
 
 
@@ -44,6 +52,24 @@ class WorkerFlags:
 
     def set_suspend_pending(self, pending: bool) -> None:
         self._array[SUSPEND_PENDING] = 1 if pending else 0
+
+    def request_yield(self) -> None:
+        self._array[YIELD_REQUESTED] = 1
+
+    def request_cancel(self) -> None:
+        self._array[CANCEL_REQUESTED] = 1
+
+    @property
+    def yield_requested(self) -> bool:
+        return self._array[YIELD_REQUESTED] != 0
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._array[CANCEL_REQUESTED] != 0
+
+    @property
+    def array(self):
+        return self._array
 
     def reset(self) -> None:
         for index in range(_SIZE):

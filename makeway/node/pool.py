@@ -6,11 +6,14 @@ import logging
 import multiprocessing
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import psutil
 
 from makeway.node.flags import WorkerFlags, new_flag_array
-from makeway.node.process import CONTINUE, STOP, is_stopped, signal_group
+from makeway.node.process import CONTINUE, STOP, cpu_seconds, is_stopped, signal_group
 from makeway.node.worker import worker_main
+from makeway.store.base import Usage
 
 logger = logging.getLogger(__name__)
 _spawn = multiprocessing.get_context("spawn")
@@ -26,6 +29,49 @@ class Assignment:
     tier: str
     priority: int
     started_at: float
+    timeout_s: float | None = None
+    deadline: float | None = None
+    # Time spent suspended, so that the run-time limit and the accounting
+    # count only the time the job could run.
+    suspended_s: float = 0.0
+    suspended_since: float | None = None
+    # CPU seconds of the worker when the attempt started, at its last
+    # checkpoint, and at the last reading.
+    cpu_start: float = 0.0
+    cpu_at_checkpoint: float = 0.0
+    cpu_last: float = 0.0
+    checkpoints: int = 0
+
+    def run_s(self, now: float) -> float:
+        """Seconds this attempt has been able to run (not suspended) by monotonic `now`."""
+        suspended = self.suspended_s + (now - self.suspended_since if self.suspended_since is not None else 0.0)
+        return max(0.0, now - self.started_at - suspended)
+
+    def usage(self, completed: bool = False) -> Usage:
+        """What the attempt used, from the last CPU reading; an attempt that did not
+        complete wasted the CPU time since its last checkpoint."""
+        wasted = 0.0 if completed else max(0.0, self.cpu_last - self.cpu_at_checkpoint)
+        return Usage(run_s=self.run_s(time.monotonic()), cpu_s=max(0.0, self.cpu_last - self.cpu_start),
+                     wasted_cpu_s=wasted)
+
+
+@dataclass
+class Reclaim:
+    """The supervisor ending a worker's current attempt, step by step.
+
+    `mode` is "cancel" (the job ends for good: cancelled or timed out),
+    "yield" (the job is asked to give up its slot at its next yield point)
+    or "requeue" (asked to yield, then terminated). `stage` counts the steps
+    taken: 0 flag set, 1 SIGTERM sent, 2 SIGKILL sent; `next_at` is when the
+    next step is due (monotonic), `fallbacks` the modes to try after yield.
+    """
+
+    mode: str
+    reason: str
+    next_at: float | None
+    fallbacks: list[str] = field(default_factory=list)
+    stage: int = 0
+    detail: str | None = None
 
 
 class WorkerHandle:
@@ -50,6 +96,7 @@ class WorkerHandle:
         self.process.start()
         child_conn.close()
         self.pid: int = self.process.pid
+        self.ps = psutil.Process(self.pid)
         self.ready = False
         self.assignment: Assignment | None = None
         # Suspension has three steps: SIGSTOP sent (stop_requested), the stop
@@ -63,6 +110,9 @@ class WorkerHandle:
         self.suspended = False
         self.deferred = False
         self.dead = False
+        self.reclaim: Reclaim | None = None
+        # Held stopped for a pause, outside the interactive preemption plan.
+        self.parked = False
 
     def __repr__(self) -> str:
         job = self.assignment.job_id if self.assignment else None
@@ -77,11 +127,21 @@ class WorkerHandle:
         """True while the supervisor wants this worker stopped (sent, confirmed or deferred)."""
         return self.stop_requested or self.suspended or self.deferred
 
-    def run(self, assignment: Assignment, payload: bytes, serializer: str, metadata: dict) -> None:
+    def run(self, assignment: Assignment, payload: bytes, serializer: str, metadata: dict,
+            checkpoint: str | None = None) -> None:
         self.flags.reset()
         self.assignment = assignment
+        self.reclaim = None
+        self.parked = False
         self.conn.send(("run", assignment.job_id, assignment.attempt, assignment.name, payload, serializer,
-                        assignment.tier, metadata))
+                        assignment.tier, metadata, checkpoint))
+
+    def read_cpu(self) -> float | None:
+        """Read the worker's CPU seconds into its assignment's `cpu_last`; None if it is gone."""
+        value = cpu_seconds(self.ps)
+        if value is not None and self.assignment is not None:
+            self.assignment.cpu_last = value
+        return value
 
     def request_stop(self) -> None:
         self.stop_sent_at = time.time()
@@ -102,11 +162,18 @@ class WorkerHandle:
             return "deferred"
         self.suspended = True
         self.deferred = False
+        if self.assignment is not None:
+            self.assignment.suspended_since = self.stop_sent_monotonic
         return "suspended"
 
     def resume(self) -> bool:
         """Undo any stop; return True if the worker had been suspended."""
         was_suspended = self.suspended
+        job = self.assignment
+        if job is not None and job.suspended_since is not None:
+            job.suspended_s += time.monotonic() - job.suspended_since
+            job.suspended_since = None
+        self.parked = False
         self.flags.set_suspend_pending(False)
         if self.stop_requested or self.suspended:
             signal_group(self.pid, CONTINUE)

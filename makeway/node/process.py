@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
+import psutil
+
 
 def signal_group(pid: int, signum: int) -> bool:
     """Send `signum` to the process group led by `pid`; False if it is gone."""
@@ -34,3 +36,42 @@ def is_stopped(pid: int) -> bool:
 
 STOP = signal.SIGSTOP
 CONTINUE = signal.SIGCONT
+
+
+def group_members(pgid: int) -> list[int]:
+    """Return the pids in process group `pgid`."""
+    members = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                members.append(pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def kill_group_members(pgid: int) -> int:
+    """SIGKILL every process of group `pgid` except the caller; return how many were signalled.
+
+    A process re-parented to init after its parent exited stays in the group,
+    so this reaches grandchildren that a job's shell left behind.
+    """
+    killed = 0
+    for pid in group_members(pgid):
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def cpu_seconds(process: psutil.Process) -> float | None:
+    """Return the CPU time of `process` and its waited-for children, or None if it is gone."""
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system + times.children_user + times.children_system

@@ -24,15 +24,17 @@ from typing import Sequence
 
 from makeway.app import App
 from makeway.errors import RuntimeFault
-from makeway.node.pool import Assignment, WorkerHandle
-from makeway.node.worker import ERROR, INVALID, OK
+from makeway.node.pool import Assignment, Reclaim, WorkerHandle
+from makeway.node.worker import ERROR, INTERRUPTED, INVALID, OK, STALE, YIELDED
 from makeway.observe.metrics import NodeMetrics
 from makeway.policy import BACKGROUND_POOL, INTERACTIVE_POOL, Settings
 from makeway.scheduler.dispatch import rank_candidates, rank_fifo
 from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspensions
 from makeway.scheduler.retry import retry_delay_s
+from makeway.scheduler.slicing import SlotHolder, plan_handoffs
 from makeway.store import JobState, open_store
-from makeway.store.wakeup import NODE, WAITER, Listener, notify
+from makeway.store.base import Usage
+from makeway.store.wakeup import CONTROL_HINT, NODE, WAITER, Listener, notify
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class Supervisor:
         self._next_heartbeat_at = 0.0
         self._next_plan_check_at: float | None = None
         self._interactive_queued = 0
+        self._controls_due = True
+        self._next_controls_at = 0.0
+        self._paused_tiers: set[str] = set()
+        self._paused_jobs: set[str] = set()
         self._listener: Listener | None = None
         self._signal_reader, self._signal_writer = socket.socketpair()
 
@@ -162,6 +168,11 @@ class Supervisor:
         for worker in self.workers:
             if worker.held_stopped and worker.resume() and worker.assignment:
                 self._record_resumed([worker], "shutdown")
+            if worker.assignment is not None and worker.reclaim is None and not worker.dead:
+                # Jobs with yield points checkpoint and leave at once; the
+                # rest get the grace period to finish.
+                worker.reclaim = Reclaim(mode="yield", reason="shutdown", next_at=None)
+                worker.flags.request_yield()
 
         deadline = time.monotonic() + self.settings.node.shutdown_grace_s
         while any(w.assignment for w in self.workers if not w.dead) and time.monotonic() < deadline and not self._force_stop:
@@ -173,8 +184,10 @@ class Supervisor:
         for worker in self.workers:
             if worker.assignment and not worker.dead:
                 job = worker.assignment
+                worker.read_cpu()
                 worker.kill()
-                if self.store.requeue(job.job_id, job.attempt, "shutdown", self.node_id, time.time()):
+                usage = job.usage()
+                if self.store.requeue(job.job_id, job.attempt, "shutdown", self.node_id, time.time(), usage=usage):
                     logger.warning("Requeued job=%s tier=%s attempt=%d: the node stopped before it finished",
                                    job.job_id, job.tier, job.attempt)
                 worker.assignment = None
@@ -208,13 +221,19 @@ class Supervisor:
             if worker.stop_requested:
                 waited_s = now - worker.stop_sent_monotonic
                 deadlines.append(now + min(STOP_CONFIRM_MAX_INTERVAL_S, max(STOP_CONFIRM_MIN_INTERVAL_S, waited_s / 2)))
+            if worker.reclaim is not None and worker.reclaim.next_at is not None:
+                deadlines.append(worker.reclaim.next_at)
+            limit_at = self._limit_due_at(worker, now)
+            if limit_at is not None:
+                deadlines.append(limit_at)
         timeout_s = max(0.0, min(deadlines) - now)
         return wait(self._wait_objects(), timeout=timeout_s)
 
     def _step(self, ready: Sequence) -> None:
         self._drain_signals(ready)
         if self._listener is not None and self._listener in ready:
-            self._listener.drain()
+            if CONTROL_HINT in self._listener.drain():
+                self._controls_due = True
             self._dispatch_due = True
         self._read_messages(ready)
         self._reap_dead_workers(replace=True)
@@ -222,11 +241,15 @@ class Supervisor:
             return
 
         now = time.monotonic()
+        if self._controls_due or now >= self._next_controls_at:
+            self._check_controls()
         if self._dispatch_due or now >= self._next_poll_at:
             self._dispatch()
             self._next_poll_at = time.monotonic() + self.settings.node.poll_interval_s
         self._preempt()
         self._confirm_stops()
+        self._enforce_limits()
+        self._advance_reclaims()
         if time.monotonic() >= self._next_heartbeat_at:
             self._heartbeat()
             self._next_heartbeat_at = time.monotonic() + self.settings.node.heartbeat_s
@@ -257,6 +280,11 @@ class Supervisor:
             self._dispatch_due = True
         elif kind == "done":
             self._finish(worker, *message[1:])
+        elif kind == "checkpoint":
+            self._save_checkpoint(worker, *message[1:])
+        elif kind == "progress":
+            job_id, attempt, done, total, text = message[1:]
+            self.store.set_progress(job_id, attempt, done, total, text, time.time())
         elif kind == "critical_exit":
             # The job left the critical section that put off its suspension;
             # try again now if the plan still wants it stopped.
@@ -266,22 +294,88 @@ class Supervisor:
                 self._next_plan_check_at = time.monotonic()
 
     def _finish(self, worker: WorkerHandle, job_id: str, attempt: int, kind: str, result, error, traceback) -> None:
-        job = worker.assignment
+        job, reclaim = worker.assignment, worker.reclaim
+        usage = self._usage(worker, completed=kind == OK) if job is not None else None
         self._release_worker(worker)
         if job is None or job.job_id != job_id:
             logger.error("Worker pid=%d reported job=%s it was not running; ignored", worker.pid, job_id)
             return
 
-        applied, outcome = self._record_outcome(job, attempt, kind, result, error, traceback)
-        if not applied:
+        if kind == STALE:
+            logger.warning("Job=%s attempt=%d stopped: its checkpoint was rejected because the attempt is stale",
+                           job_id, attempt)
+            applied, outcome = False, "stale"
+        elif kind == YIELDED or (reclaim is not None and reclaim.mode in ("yield", "requeue")
+                                 and (kind == INTERRUPTED or (kind == ERROR and reclaim.stage > 0))):
+            applied, outcome = self._requeue_reclaimed(job, reclaim, "yield" if kind == YIELDED else "requeue", usage)
+        elif kind == INTERRUPTED or (kind == ERROR and reclaim is not None and reclaim.mode == "cancel"
+                                     and reclaim.stage > 0):
+            reason = reclaim.reason if reclaim is not None and reclaim.mode == "cancel" else "cancelled_by_job"
+            applied, outcome = self._record_stopped(job, reason, error, usage)
+        else:
+            applied, outcome = self._record_outcome(job, attempt, kind, result, error, traceback, usage)
+        if not applied and kind != STALE:
             logger.warning("Dropped the outcome of job=%s attempt=%d: the attempt is stale (its lease was lost)", job_id, attempt)
         self.metrics.jobs_finished.labels(job.tier, outcome if applied else "stale").inc()
         if self.store_path is not None:
             notify(self.store_path, WAITER)
 
+    def _usage(self, worker: WorkerHandle, completed: bool) -> Usage:
+        """What the worker's current attempt used; reads its CPU time now, if it still runs."""
+        job = worker.assignment
+        worker.read_cpu()
+        usage = job.usage(completed)
+        self.metrics.cpu_seconds.labels(job.tier).inc(usage.cpu_s)
+        self.metrics.wasted_cpu_seconds.labels(job.tier).inc(usage.wasted_cpu_s)
+        return usage
+
+    def _requeue_reclaimed(self, job: Assignment, reclaim: Reclaim | None, mode: str, usage: Usage | None) -> tuple[bool, str]:
+        """Queue a job again that gave up its slot (yield) or was terminated for it (requeue)."""
+        why = reclaim.reason if reclaim is not None else "job_request"
+        reason = "yielded" if mode == "yield" else "requeued"
+        applied = self.store.requeue(job.job_id, job.attempt, reason, self.node_id, time.time(), usage=usage,
+                                     detail=f"{why}; checkpoints this attempt: {job.checkpoints}")
+        if applied:
+            self.metrics.preemptions.labels(mode, job.tier).inc()
+            logger.info("Job %s job=%s tier=%s attempt=%d (%s); it resumes from its last checkpoint",
+                        reason, job.job_id, job.tier, job.attempt, why)
+        self._dispatch_due = True
+        return applied, reason
+
+    def _record_stopped(self, job: Assignment, reason: str, error: str | None, usage: Usage | None) -> tuple[bool, str]:
+        """Record a job that the supervisor stopped for good: cancelled, or failed past its time limit."""
+        now = time.time()
+        self.metrics.cancellations.labels(job.tier, reason).inc()
+        if reason == "timed_out":
+            limit = f"ran longer than its timeout of {job.timeout_s} s (suspended time not counted)"
+            outcome = self.store.fail(job.job_id, job.attempt, f"timed out: {limit}", None, "timed_out", None,
+                                      self.node_id, now, usage=usage)
+            logger.warning("Job timed out job=%s name=%s attempt=%d: %s", job.job_id, job.name, job.attempt, limit)
+            return outcome.applied, "timed_out"
+        applied = self.store.finish_cancelled(job.job_id, job.attempt, reason, error, self.node_id, now, usage=usage)
+        logger.info("Job cancelled job=%s name=%s attempt=%d reason=%s", job.job_id, job.name, job.attempt, reason)
+        return applied, "cancelled"
+
+    def _save_checkpoint(self, worker: WorkerHandle, job_id: str, attempt: int, sequence: int, state: str,
+                         progress) -> None:
+        job = worker.assignment
+        applied = False
+        if job is not None and job.job_id == job_id and job.attempt == attempt:
+            applied = self.store.save_checkpoint(job_id, attempt, state, time.time(), progress)
+            if applied:
+                job.checkpoints += 1
+                if worker.read_cpu() is not None:
+                    job.cpu_at_checkpoint = job.cpu_last
+                self.metrics.checkpoints.labels(job.tier).inc()
+        try:
+            worker.conn.send(("checkpoint_ack", sequence, applied))
+        except (BrokenPipeError, OSError):
+            self._mark_dead(worker)
+
     def _release_worker(self, worker: WorkerHandle) -> None:
         """Mark a worker idle after its job ended, and let background work continue."""
         worker.assignment = None
+        worker.reclaim = None
         # The result may have been sent just before a SIGSTOP went out; an idle
         # worker left stopped would hang the next job given to it.
         if worker.held_stopped:
@@ -292,16 +386,17 @@ class Supervisor:
             # millisecond it stays stopped is lost throughput.
             self._preempt()
 
-    def _record_outcome(self, job: Assignment, attempt: int, kind: str, result, error, traceback) -> tuple[bool, str]:
+    def _record_outcome(self, job: Assignment, attempt: int, kind: str, result, error, traceback,
+                        usage: Usage | None = None) -> tuple[bool, str]:
         """Write an attempt's outcome, fenced by `attempt`; return (applied, outcome)."""
         job_id = job.job_id
         now = time.time()
         if kind == OK:
-            return self.store.complete(job_id, attempt, result, self.node_id, now), "succeeded"
+            return self.store.complete(job_id, attempt, result, self.node_id, now, usage=usage), "succeeded"
 
         retry_at = None if kind == INVALID else now + self._retry_delay(job_id)
         reason = "invalid_payload" if kind == INVALID else "job_error"
-        result_state = self.store.fail(job_id, attempt, error, traceback, reason, retry_at, self.node_id, now)
+        result_state = self.store.fail(job_id, attempt, error, traceback, reason, retry_at, self.node_id, now, usage=usage)
         if result_state.applied and result_state.state is JobState.FAILED:
             logger.error("Job failed job=%s name=%s attempt=%d: %s\n%s", job_id, job.name, attempt, error, traceback or "")
         elif result_state.applied:
@@ -329,7 +424,9 @@ class Supervisor:
             self.workers.remove(worker)
             self.metrics.workers_lost.labels(worker.pool).inc()
             job = worker.assignment
-            if job is not None:
+            if job is not None and worker.reclaim is not None and worker.reclaim.stage > 0:
+                self._finish_killed(worker, job, worker.reclaim)
+            elif job is not None:
                 self._requeue_lost(worker, job)
             else:
                 logger.warning("Worker pid=%d pool=%s exited with code %s while idle", worker.pid, worker.pool,
@@ -346,10 +443,23 @@ class Supervisor:
         except (EOFError, OSError):
             pass
 
+    def _finish_killed(self, worker: WorkerHandle, job: Assignment, reclaim: Reclaim) -> None:
+        """Record the end of a job whose worker died after the supervisor signalled it."""
+        usage = job.usage()
+        detail = f"worker pid={worker.pid} ended by signal (exit code {worker.process.exitcode})"
+        if reclaim.mode == "cancel":
+            self._record_stopped(job, reclaim.reason, detail, usage)
+        else:
+            self._requeue_reclaimed(job, reclaim, "requeue", usage)
+        if self.store_path is not None:
+            notify(self.store_path, WAITER)
+
     def _requeue_lost(self, worker: WorkerHandle, job: Assignment) -> None:
         now = time.time()
         error = f"worker pid={worker.pid} exited with code {worker.process.exitcode} while running the job"
-        outcome = self.store.fail(job.job_id, job.attempt, error, None, "worker_lost", now, self.node_id, now)
+        usage = job.usage()
+        outcome = self.store.fail(job.job_id, job.attempt, error, None, "worker_lost", now, self.node_id, now,
+                                  usage=usage)
         next_step = "queued again" if outcome.state is JobState.QUEUED else "failed: no retries left"
         logger.warning("Lost worker pid=%d running job=%s tier=%s attempt=%d (exit code %s); the job is %s",
                        worker.pid, job.job_id, job.tier, job.attempt, worker.process.exitcode, next_step)
@@ -362,13 +472,14 @@ class Supervisor:
         """Claim queued jobs for idle workers, interactive pool first."""
         self._dispatch_due = False
         if self.policy.scheduling == "fifo":
-            self._fill_pool(FIFO_POOL, list(self.tiers))
+            self._fill_pool(FIFO_POOL, self._tiers_of(FIFO_POOL))
             return
         self._interactive_queued = self._fill_pool(INTERACTIVE_POOL, self._tiers_of(INTERACTIVE_POOL))
         self._fill_pool(BACKGROUND_POOL, self._tiers_of(BACKGROUND_POOL))
 
     def _tiers_of(self, pool: str) -> list[str]:
-        return [name for name, tier in self.tiers.items() if tier.pool == pool]
+        return [name for name, tier in self.tiers.items()
+                if (pool == FIFO_POOL or tier.pool == pool) and name not in self._paused_tiers]
 
     def _fill_pool(self, pool: str, tiers: list[str]) -> int:
         """Claim jobs for the idle workers of `pool`; return how many due jobs remain queued."""
@@ -390,14 +501,174 @@ class Supervisor:
             if claim is None:
                 continue
             claimed += 1
+            if claim.deadline is not None and claim.deadline <= time.time():
+                # The claim made the job ours; cancel it here rather than start it late.
+                self.store.finish_cancelled(claim.id, claim.attempt, "deadline_exceeded", "deadline passed before start",
+                                            self.node_id, time.time())
+                continue
             idle.pop(0)
             worker.run(
-                Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic()),
-                claim.payload, claim.serializer, claim.metadata,
+                Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
+                           timeout_s=claim.timeout_s, deadline=claim.deadline),
+                claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
             )
+            if worker.read_cpu() is not None:
+                worker.assignment.cpu_start = worker.assignment.cpu_at_checkpoint = worker.assignment.cpu_last
+            self.metrics.attempts.labels(claim.tier).inc()
             logger.debug("Started job=%s name=%s tier=%s attempt=%d on worker pid=%d", claim.id, claim.name,
                          claim.tier, claim.attempt, worker.pid)
+        if pool == BACKGROUND_POOL:
+            self._slice(ranked, len(idle))
         return max(0, len(candidates) - claimed)
+
+    # -- time slicing, pauses, cancellation and limits ---------------------
+
+    def _slice(self, ranked: list, idle_workers: int) -> None:
+        """Take back slots of running background jobs for waiting ones, as the slicing plan says."""
+        holders, reclaiming = [], 0
+        for worker in self.workers:
+            if worker.pool != BACKGROUND_POOL or worker.assignment is None or worker.dead:
+                continue
+            if worker.reclaim is not None or worker.parked:
+                reclaiming += worker.reclaim is not None
+                continue
+            job = worker.assignment
+            holders.append(SlotHolder(worker.worker_id, job.tier, job.priority, job.started_at))
+        if not holders:
+            return
+        # Candidates claimed a moment ago are no longer queued.
+        running_ids = {w.assignment.job_id for w in self.workers if w.assignment is not None}
+        waiting = [candidate for candidate in ranked if candidate.id not in running_ids]
+        handoffs = plan_handoffs(self.tiers, holders, waiting, idle_workers + reclaiming, time.time(), time.monotonic())
+        by_id = {worker.worker_id: worker for worker in self.workers}
+        for handoff in handoffs:
+            worker = by_id[handoff.victim]
+            self._start_handoff(worker, handoff.reason, f"for job {handoff.beneficiary}")
+
+    def _start_handoff(self, worker: WorkerHandle, reason: str, detail: str) -> None:
+        """Make a background job give its slot back, trying its tier's modes in order."""
+        modes = [mode for mode in self.tiers[worker.assignment.tier].preemption
+                 if mode != "suspend" or reason == "paused"]
+        if not modes:
+            return
+        worker.reclaim = Reclaim(mode="", reason=reason, next_at=None, fallbacks=modes, detail=detail)
+        self._next_mode(worker)
+
+    def _next_mode(self, worker: WorkerHandle) -> None:
+        """Apply the next fallback mode of a worker's reclaim."""
+        reclaim, job = worker.reclaim, worker.assignment
+        tier = self.tiers[job.tier]
+        if not reclaim.fallbacks:
+            logger.warning("Job=%s tier=%s kept its slot: it did not yield within %.1f s and no other mode is allowed",
+                           job.job_id, job.tier, tier.yield_grace_s)
+            worker.reclaim = None
+            return
+        mode = reclaim.fallbacks.pop(0)
+        now = time.monotonic()
+        reclaim.mode, reclaim.stage = mode, 0
+        if mode == "suspend":
+            # Only pauses hand over a slot by suspension: the worker stays
+            # assigned and stopped until the pause is lifted.
+            worker.reclaim = None
+            worker.parked = True
+            if not worker.held_stopped:
+                worker.request_stop()
+            logger.info("Suspended job=%s tier=%s: %s", job.job_id, job.tier, reclaim.reason)
+            return
+        worker.flags.request_yield()
+        grace = tier.yield_grace_s if mode == "yield" else tier.requeue_grace_s
+        reclaim.next_at = now + grace
+        logger.info("Asked job=%s tier=%s attempt=%d to give up its slot by %s (%s, %s)", job.job_id, job.tier,
+                    job.attempt, mode, reclaim.reason, reclaim.detail)
+
+    def _start_cancel(self, worker: WorkerHandle, reason: str) -> None:
+        """Stop a running job for good: flag, then SIGTERM, then SIGKILL, after the grace periods."""
+        if worker.reclaim is not None and worker.reclaim.mode == "cancel":
+            return
+        job = worker.assignment
+        worker.flags.request_cancel()
+        if worker.held_stopped:
+            # A stopped job can neither see the flag nor handle SIGTERM.
+            if worker.resume():
+                self._record_resumed([worker], reason)
+        worker.reclaim = Reclaim(mode="cancel", reason=reason,
+                                 next_at=time.monotonic() + self.settings.jobs.cancel_grace_s)
+        logger.info("Cancelling job=%s tier=%s attempt=%d pid=%d (%s)", job.job_id, job.tier, job.attempt,
+                    worker.pid, reason)
+
+    def _advance_reclaims(self) -> None:
+        """Take the next step of every reclaim whose grace period is over."""
+        now = time.monotonic()
+        for worker in self.workers:
+            reclaim = worker.reclaim
+            if reclaim is None or reclaim.next_at is None or now < reclaim.next_at or worker.dead:
+                continue
+            if reclaim.mode == "yield":
+                logger.info("Job=%s did not yield within its grace period; trying the next mode",
+                            worker.assignment.job_id)
+                self._next_mode(worker)
+                continue
+            worker.read_cpu()
+            if reclaim.stage == 0:
+                reclaim.stage = 1
+                reclaim.next_at = now + self.settings.jobs.kill_grace_s
+                if worker.held_stopped:
+                    worker.resume()
+                worker.terminate()
+                logger.info("Sent SIGTERM to job=%s pid=%d (%s)", worker.assignment.job_id, worker.pid, reclaim.reason)
+            elif reclaim.stage == 1:
+                reclaim.stage = 2
+                reclaim.next_at = None
+                logger.warning("Killing job=%s pid=%d: it did not stop within %.1f s of SIGTERM (%s)",
+                               worker.assignment.job_id, worker.pid, self.settings.jobs.kill_grace_s, reclaim.reason)
+                worker.kill()
+
+    def _limit_due_at(self, worker: WorkerHandle, now: float) -> float | None:
+        """When the worker's job reaches its timeout or deadline (monotonic), if it has one and is not being stopped."""
+        job = worker.assignment
+        if job is None or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
+            return None
+        due = []
+        if job.timeout_s is not None and job.suspended_since is None:
+            due.append(now + job.timeout_s - job.run_s(now))
+        if job.deadline is not None:
+            due.append(now + job.deadline - time.time())
+        return min(due) if due else None
+
+    def _enforce_limits(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            job = worker.assignment
+            if job is None or worker.dead or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
+                continue
+            if job.timeout_s is not None and job.run_s(now) >= job.timeout_s:
+                self._start_cancel(worker, "timed_out")
+            elif job.deadline is not None and time.time() >= job.deadline:
+                self._start_cancel(worker, "deadline_exceeded")
+
+    def _check_controls(self) -> None:
+        """Apply cancel requests and pauses that clients wrote to the store."""
+        self._controls_due = False
+        self._next_controls_at = time.monotonic() + self.settings.node.poll_interval_s
+        requests = {(job_id, attempt): reason for job_id, attempt, reason in self.store.cancel_requests(self.node_id)}
+        tiers, jobs = self.store.paused()
+        if tiers != self._paused_tiers or jobs != self._paused_jobs:
+            self._dispatch_due = True
+        self._paused_tiers, self._paused_jobs = tiers, jobs
+        for worker in self.workers:
+            job = worker.assignment
+            if job is None or worker.dead:
+                continue
+            reason = requests.get((job.job_id, job.attempt))
+            if reason is not None:
+                self._start_cancel(worker, reason)
+                continue
+            paused = job.tier in tiers or job.job_id in jobs
+            if paused and worker.reclaim is None and not worker.parked and self.tiers[job.tier].preemptible:
+                self._start_handoff(worker, "paused", "tier paused" if job.tier in tiers else "job paused")
+            elif not paused and worker.parked:
+                if worker.resume():
+                    self._record_resumed([worker], "unpaused")
 
     # -- preemption -------------------------------------------------------
 
@@ -412,6 +683,7 @@ class Supervisor:
         background = {
             worker.worker_id: worker for worker in self.workers
             if worker.pool == BACKGROUND_POOL and worker.assignment is not None and not worker.dead
+            and not worker.parked and not (worker.reclaim is not None and worker.reclaim.mode == "cancel")
         }
         running_jobs = [
             RunningJob(key, w.assignment.tier, w.assignment.priority, w.assignment.started_at)
@@ -489,6 +761,9 @@ class Supervisor:
     def _heartbeat(self) -> None:
         """Renew this node's leases, stop jobs whose lease was lost, and recover expired ones."""
         held = [(w.assignment.job_id, w.assignment.attempt) for w in self.workers if w.assignment and not w.dead]
+        for worker in self.workers:
+            if worker.assignment is not None and not worker.dead:
+                worker.read_cpu()
         lost = set(self.store.renew_leases(held, time.time() + self.settings.node.lease_s))
         for worker in self.workers:
             job = worker.assignment
@@ -501,3 +776,8 @@ class Supervisor:
         if requeued:
             logger.warning("Requeued %d job(s) whose lease expired: %s", len(requeued), requeued)
             self._dispatch_due = True
+        overdue = self.store.cancel_overdue(time.time())
+        if overdue:
+            logger.info("Cancelled %d queued job(s) whose deadline passed before they started: %s", len(overdue), overdue)
+            if self.store_path is not None:
+                notify(self.store_path, WAITER)

@@ -2,15 +2,21 @@
 
 Data flow over the worker's duplex pipe:
 
-    supervisor -> worker   ("run", Assignment fields) | ("stop",)
+    supervisor -> worker   ("run", Assignment fields) | ("stop",) | ("checkpoint_ack", seq, applied)
     worker -> supervisor   ("ready", pid) | ("done", job_id, attempt, kind, result, error, traceback)
-                           | ("critical_exit",)
+                           | ("critical_exit",) | ("checkpoint", job_id, attempt, seq, state, progress)
+                           | ("progress", job_id, attempt, done, total, message)
 
 The worker never touches the store: a worker can be stopped with SIGSTOP at
-any moment, and a stopped process must not hold a store lock. While a job
-runs, the worker sends each message inside a critical section, so the
-supervisor never stops it halfway through a send. An idle worker is never
-suspended.
+any moment, and a stopped process must not hold a store lock, so checkpoints
+and progress go through the supervisor. While a job runs, the worker sends
+each message inside a critical section, so the supervisor never stops it
+halfway through a send. An idle worker is never suspended.
+
+SIGTERM raises CancellationRequested in the job's main thread, which ends a
+sleep or a blocking read at once; outside job code the worker ignores it.
+Pipe traffic runs with SIGTERM blocked, so the exception can never cut a
+message in half.
 """
 
 from __future__ import annotations
@@ -27,6 +33,63 @@ from typing import Any
 OK = "ok"
 ERROR = "error"
 INVALID = "invalid"
+# The job ended on a JobInterrupt: it yielded, was stopped, or lost its lease.
+YIELDED = "yielded"
+INTERRUPTED = "interrupted"
+STALE = "stale"
+
+_TERM = {signal.SIGTERM}
+
+
+class _JobState:
+    """Whether job code runs now, so that SIGTERM may interrupt it."""
+
+    interruptible = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _JobState.interruptible:
+        from makeway.errors import CancellationRequested
+
+        raise CancellationRequested("the supervisor stopped this job with SIGTERM")
+
+
+class Channel:
+    """The job's side of checkpoint and progress traffic with the supervisor."""
+
+    def __init__(self, conn, flags, job_id: str, attempt: int):
+        self._conn = conn
+        self._flags = flags
+        self._job_id = job_id
+        self._attempt = attempt
+        self._sequence = 0
+
+    def _send(self, message: tuple) -> None:
+        self._flags.enter_critical()
+        try:
+            self._conn.send(message)
+        finally:
+            self._flags.exit_critical()
+
+    def checkpoint(self, state: str, progress) -> bool:
+        """Send a checkpoint and wait for the supervisor's answer: True if stored, False if the attempt is stale."""
+        self._sequence += 1
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TERM)
+        try:
+            self._send(("checkpoint", self._job_id, self._attempt, self._sequence, state, progress))
+            while True:
+                message = self._conn.recv()
+                if message[0] == "checkpoint_ack" and message[1] == self._sequence:
+                    return bool(message[2])
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM)
+
+    def progress(self, done: float, total, message) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TERM)
+        try:
+            self._send(("progress", self._job_id, self._attempt, done, total, message))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM)
 
 
 def set_background_priority(nice: int, ionice: str, cpu_policy: str = "normal") -> None:
@@ -58,6 +121,7 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
     # terminal's Ctrl-C away from workers, so the supervisor decides shutdown.
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     sys.path[:0] = [entry for entry in sys_path if entry not in sys.path]
     set_background_priority(nice, ionice, cpu_policy)
@@ -82,7 +146,18 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
             return
         if message[0] == "stop":
             return
-        outcome = run_job(app, message[1:], flags)
+        if message[0] != "run":
+            # An answer to a checkpoint whose job was interrupted while waiting.
+            continue
+        outcome = run_job(app, message[1:], flags, conn)
+        if outcome[2] not in (OK, ERROR, INVALID):
+            # The job was stopped: end whatever it started in the process group
+            # before this worker takes the next job.
+            from makeway.node.process import kill_group_members
+
+            killed = kill_group_members(os.getpid())
+            if killed:
+                logging.getLogger(__name__).info("Killed %d leftover process(es) of job %s", killed, outcome[0])
         flags.enter_critical()
         try:
             send(("done", *outcome))
@@ -90,12 +165,15 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
             flags.exit_critical()
 
 
-def run_job(app, fields: tuple, flags) -> tuple[str, int, str, Any, str | None, str | None]:
+def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, str | None, str | None]:
     """Run one job; return (job_id, attempt, kind, encoded result, error, traceback)."""
+    import json
+
+    from makeway.errors import JobInterrupt, StaleAttempt, YieldRequested
     from makeway.jobs import JobContext
     from makeway.serialization import decode, encode
 
-    job_id, attempt, name, payload, serializer, tier, metadata = fields
+    job_id, attempt, name, payload, serializer, tier, metadata, checkpoint = fields
     try:
         function = app.function(name)
         call = decode(payload, serializer, allow_pickle=app.allows_pickle)
@@ -104,13 +182,27 @@ def run_job(app, fields: tuple, flags) -> tuple[str, int, str, Any, str | None, 
         return job_id, attempt, INVALID, None, f"invalid payload: {exc}", None
 
     if function.takes_context:
-        kwargs = {**kwargs, "ctx": JobContext(job_id=job_id, name=name, tier=tier, attempt=attempt, metadata=metadata, flags=flags)}
+        channel = Channel(conn, flags, job_id, attempt) if conn is not None else None
+        resume_state = json.loads(checkpoint) if checkpoint is not None else None
+        kwargs = {**kwargs, "ctx": JobContext(
+            job_id=job_id, name=name, tier=tier, attempt=attempt, metadata=metadata, flags=flags, channel=channel,
+            resume_state=resume_state, state_limit_bytes=app.settings.jobs.payload_limit_bytes,
+        )}
+    _JobState.interruptible = True
     try:
         result = function.fn(*args, **kwargs)
         if function.is_async:
             result = asyncio.run(result)
+        _JobState.interruptible = False
+    except JobInterrupt as exc:
+        _JobState.interruptible = False
+        kind = YIELDED if isinstance(exc, YieldRequested) else STALE if isinstance(exc, StaleAttempt) else INTERRUPTED
+        return job_id, attempt, kind, None, f"{type(exc).__name__}: {exc}", None
     except Exception as exc:
+        _JobState.interruptible = False
         return job_id, attempt, ERROR, None, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    finally:
+        _JobState.interruptible = False
 
     try:
         data = encode(result, serializer, what=f"result of {name}", limit_bytes=app.settings.jobs.payload_limit_bytes)

@@ -28,4 +28,18 @@ class NodeMetrics:
             "makeway_jobs_finished", "Attempts that ended, by tier and outcome", ["tier", "outcome"], registry=self.registry
         )
         self.workers_lost = Counter("makeway_workers_lost", "Worker processes that died", ["pool"], registry=self.registry)
+        self.attempts = Counter("makeway_attempts", "Attempts started, by tier", ["tier"], registry=self.registry)
+        self.checkpoints = Counter("makeway_checkpoints", "Checkpoints stored, by tier", ["tier"], registry=self.registry)
+        self.cancellations = Counter(
+            "makeway_cancellations", "Running jobs stopped for good, by tier and reason", ["tier", "reason"],
+            registry=self.registry,
+        )
+        self.cpu_seconds = Counter(
+            "makeway_job_cpu_seconds", "CPU time used by job attempts, by tier", ["tier"], registry=self.registry
+        )
+        self.wasted_cpu_seconds = Counter(
+            "makeway_job_wasted_cpu_seconds",
+            "CPU time of interrupted attempts after their last checkpoint, which a later attempt redoes, by tier",
+            ["tier"], registry=self.registry,
+        )
         self.running = Gauge("makeway_running_jobs", "Jobs running or suspended on this node", ["tier"], registry=self.registry)

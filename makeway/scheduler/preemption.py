@@ -82,7 +82,10 @@ def plan_suspensions(
         state.shares.clear()
         return SuspensionPlan(frozenset(), None)
 
-    preemptible = [job for job in background if job.tier in tiers and tiers[job.tier].preemptible]
+    preemptible = [
+        job for job in background
+        if job.tier in tiers and tiers[job.tier].preemptible and "suspend" in tiers[job.tier].preemption
+    ]
     victims = _choose_victims(policy, tiers, slots, state.last_demand, preemptible)
     victims, share_check_at = _apply_min_share(policy, tiers, victims, state, now)
 

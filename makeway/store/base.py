@@ -47,6 +47,10 @@ class NewJob:
     not_before: float
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    # Run time allowed per attempt, not counting suspended time; None: no limit.
+    timeout_s: float | None = None
+    # Wall-clock time (epoch seconds) after which the job is cancelled; None: none.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,36 @@ class JobRecord:
     traceback: str | None
     metadata: dict[str, Any]
     idempotency_key: str | None
+    queued_at: float
+    waited_s: float
+    timeout_s: float | None
+    deadline: float | None
+    checkpoint: str | None
+    checkpoint_attempt: int | None
+    checkpoint_at: float | None
+    checkpoints: int
+    progress_done: float | None
+    progress_total: float | None
+    progress_message: str | None
+    cancel_requested_at: float | None
+    cancel_reason: str | None
+    paused: bool
+    run_s: float
+    cpu_s: float
+    wasted_cpu_s: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources one attempt used, added to the job's totals when the attempt ends.
+
+    `wasted_cpu_s` is the CPU time spent after the attempt's last checkpoint
+    by an attempt that did not complete: a later attempt does that work again.
+    """
+
+    run_s: float = 0.0
+    cpu_s: float = 0.0
+    wasted_cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +122,11 @@ class Candidate:
     tier_rank: int
     priority: int
     submitted_at: float
+    # When the job last entered the queue (submission, retry, yield or requeue),
+    # and the seconds it waited in earlier turns: aging credit it keeps.
+    queued_at: float
+    waited_s: float
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,10 @@ class Claim:
     submitted_at: float
     metadata: dict[str, Any]
     started_at: float
+    timeout_s: float | None = None
+    deadline: float | None = None
+    # The last checkpoint's JSON text, from any earlier attempt; None if none.
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,14 +186,35 @@ class Store(Protocol):
 
     def claim(self, job_id: str, node_id: str, worker_pid: int, lease_expires_at: float, now: float) -> Claim | None: ...
 
-    def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool: ...
+    def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float,
+                 usage: Usage | None = None) -> bool: ...
 
     def fail(
         self, job_id: str, attempt: int, error: str, traceback: str | None, reason: str,
-        retry_at: float | None, node_id: str, now: float,
+        retry_at: float | None, node_id: str, now: float, usage: Usage | None = None,
     ) -> Outcome: ...
 
-    def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float) -> bool: ...
+    def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float,
+                usage: Usage | None = None, detail: str | None = None) -> bool: ...
+
+    def finish_cancelled(self, job_id: str, attempt: int, reason: str, detail: str | None, node_id: str,
+                         now: float, usage: Usage | None = None) -> bool: ...
+
+    def save_checkpoint(self, job_id: str, attempt: int, state: str, now: float,
+                        progress: tuple[float, float | None, str | None] | None = None) -> bool: ...
+
+    def set_progress(self, job_id: str, attempt: int, done: float, total: float | None, message: str | None,
+                     now: float) -> bool: ...
+
+    def request_cancel(self, job_id: str, now: float, reason: str, detail: str | None = None) -> Outcome: ...
+
+    def cancel_requests(self, node_id: str) -> list[tuple[str, int, str]]: ...
+
+    def cancel_overdue(self, now: float) -> list[str]: ...
+
+    def set_paused(self, *, tier: str | None = None, job_id: str | None = None, paused: bool, now: float) -> bool: ...
+
+    def paused(self) -> tuple[set[str], set[str]]: ...
 
     def set_suspended(
         self, jobs: Sequence[tuple[str, int]], suspended: bool, reason: str, node_id: str, now: float,
@@ -161,10 +225,11 @@ class Store(Protocol):
 
     def requeue_expired(self, now: float, node_id: str) -> list[str]: ...
 
-    def cancel_queued(self, job_id: str, now: float, reason: str) -> Outcome: ...
 
     def events(self, job_id: str | None = None, limit: int = 1000) -> list[Event]: ...
 
     def counts(self) -> dict[tuple[str, str], int]: ...
 
     def active_jobs(self) -> list[JobRecord]: ...
+
+    def tier_accounting(self) -> list[dict[str, Any]]: ...

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from makeway.errors import StoreError, UnknownJobError, UsageError
-from makeway.store.base import Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome
+from makeway.store.base import Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
 
 BUSY_TIMEOUT_S = 30.0
 # A connection without a background checkpointer (a client) checkpoints
@@ -77,19 +77,51 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_job ON events (job_id, id);
     """,
+    # Checkpoints, progress, cancellation, pause, time limits, accounting,
+    # and aging measured from the last time a job entered the queue.
+    """
+    ALTER TABLE jobs ADD COLUMN queued_at REAL NOT NULL DEFAULT 0;
+    UPDATE jobs SET queued_at = MAX(submitted_at, not_before);
+    ALTER TABLE jobs ADD COLUMN waited_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN timeout_s REAL;
+    ALTER TABLE jobs ADD COLUMN deadline REAL;
+    ALTER TABLE jobs ADD COLUMN checkpoint TEXT;
+    ALTER TABLE jobs ADD COLUMN checkpoint_attempt INTEGER;
+    ALTER TABLE jobs ADD COLUMN checkpoint_at REAL;
+    ALTER TABLE jobs ADD COLUMN checkpoints INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN progress_done REAL;
+    ALTER TABLE jobs ADD COLUMN progress_total REAL;
+    ALTER TABLE jobs ADD COLUMN progress_message TEXT;
+    ALTER TABLE jobs ADD COLUMN cancel_requested_at REAL;
+    ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
+    ALTER TABLE jobs ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN run_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN cpu_s REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN wasted_cpu_s REAL NOT NULL DEFAULT 0;
+    DROP INDEX jobs_queued_age;
+    CREATE INDEX jobs_queued_age ON jobs (state, tier, queued_at);
+    CREATE INDEX jobs_cancel ON jobs (node_id, cancel_requested_at);
+    CREATE INDEX jobs_deadline ON jobs (state, deadline);
+    CREATE TABLE paused_tiers (tier TEXT PRIMARY KEY, paused_at REAL NOT NULL);
+    """,
 ]
 
 _JOB_COLUMNS = (
     "id, name, tier, tier_rank, priority, state, payload, serializer, attempt, failures, max_retries, "
     "not_before, submitted_at, started_at, finished_at, lease_expires_at, node_id, worker_pid, result, "
-    "error, traceback, metadata, idempotency_key"
+    "error, traceback, metadata, idempotency_key, queued_at, waited_s, timeout_s, deadline, checkpoint, "
+    "checkpoint_attempt, checkpoint_at, checkpoints, progress_done, progress_total, progress_message, "
+    "cancel_requested_at, cancel_reason, paused, run_s, cpu_s, wasted_cpu_s"
 )
+# The columns a job leaves behind when it goes back to the queue.
+_RELEASE = "lease_expires_at = NULL, node_id = NULL, worker_pid = NULL"
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
     values = dict(zip(_JOB_COLUMNS.split(", "), row))
     values["state"] = JobState(values["state"])
     values["metadata"] = json.loads(values["metadata"])
+    values["paused"] = bool(values["paused"])
     return JobRecord(**values)
 
 
@@ -217,6 +249,14 @@ class SQLiteStore:
         ).fetchone()
         return row[0] if row else None
 
+    @staticmethod
+    def _add_usage(db: sqlite3.Connection, job_id: str, usage: Usage | None) -> None:
+        if usage is not None:
+            db.execute(
+                "UPDATE jobs SET run_s = run_s + ?, cpu_s = cpu_s + ?, wasted_cpu_s = wasted_cpu_s + ? WHERE id = ?",
+                (usage.run_s, usage.cpu_s, usage.wasted_cpu_s, job_id),
+            )
+
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -246,10 +286,11 @@ class SQLiteStore:
                     )
                 db.execute(
                     "INSERT INTO jobs (id, name, tier, tier_rank, priority, state, payload, serializer, "
-                    "max_retries, not_before, submitted_at, updated_at, metadata, idempotency_key) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "max_retries, not_before, submitted_at, updated_at, metadata, idempotency_key, queued_at, "
+                    "timeout_s, deadline) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.name, job.tier, job.tier_rank, job.priority, job.payload, job.serializer,
-                     job.max_retries, job.not_before, now, now, json.dumps(job.metadata), job.idempotency_key),
+                     job.max_retries, job.not_before, now, now, json.dumps(job.metadata), job.idempotency_key,
+                     max(now, job.not_before), job.timeout_s, job.deadline),
                 )
                 self._event(db, job.id, now, None, JobState.QUEUED.value, "submitted", None, 0)
                 ids.append(job.id)
@@ -259,21 +300,105 @@ class SQLiteStore:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _record(rows[0]) if rows else None
 
-    def cancel_queued(self, job_id: str, now: float, reason: str) -> Outcome:
-        """Cancel `job_id` if it is queued; `applied` is True only if this call cancelled it."""
+    def request_cancel(self, job_id: str, now: float, reason: str, detail: str | None = None) -> Outcome:
+        """Cancel a queued job at once, or mark an active one for its node to stop.
+
+        The outcome's state is CANCELLED for a queued job, the unchanged active
+        state for a running or suspended one (its node finishes the
+        cancellation), and the final state for an ended one (`applied` False).
+        """
         with self._write() as db:
-            row = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, attempt, cancel_requested_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJobError(f"job {job_id!r} is not in the store {self.url}; check the id and the store URL")
-            state, attempt = JobState(row[0]), row[1]
-            if state is not JobState.QUEUED:
+            state, attempt, requested_at = JobState(row[0]), row[1], row[2]
+            if state is JobState.QUEUED:
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ?, "
+                    "cancel_requested_at = ?, cancel_reason = ? WHERE id = ?",
+                    (now, now, f"cancelled ({reason}) while queued", now, reason, job_id),
+                )
+                self._event(db, job_id, now, state.value, JobState.CANCELLED.value, reason, None, attempt, detail)
+                return Outcome(JobState.CANCELLED, applied=True)
+            if state.is_final:
                 return Outcome(state, applied=False)
+            if requested_at is None:
+                db.execute(
+                    "UPDATE jobs SET cancel_requested_at = ?, cancel_reason = ?, updated_at = ? WHERE id = ?",
+                    (now, reason, now, job_id),
+                )
+                self._event(db, job_id, now, state.value, state.value, "cancel_requested", None, attempt,
+                            detail or reason)
+            return Outcome(state, applied=True)
+
+    def cancel_requests(self, node_id: str) -> list[tuple[str, int, str]]:
+        """Return (job id, attempt, reason) of this node's active jobs that a user asked to cancel."""
+        rows = self._read(
+            "SELECT id, attempt, cancel_reason FROM jobs WHERE node_id = ? AND cancel_requested_at IS NOT NULL "
+            "AND state IN ('running', 'suspended')",
+            (node_id,),
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def cancel_overdue(self, now: float) -> list[str]:
+        """Cancel queued jobs whose deadline has passed, so they never start."""
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id, attempt, deadline FROM jobs WHERE state = 'queued' AND deadline IS NOT NULL AND deadline <= ?",
+                (now,),
+            ).fetchall()
+            for job_id, attempt, deadline in rows:
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ?, "
+                    "cancel_reason = 'deadline_exceeded' WHERE id = ?",
+                    (now, now, f"deadline {deadline:.3f} passed before the job started", job_id),
+                )
+                self._event(db, job_id, now, JobState.QUEUED.value, JobState.CANCELLED.value, "deadline_exceeded",
+                            None, attempt, "never started")
+        return [row[0] for row in rows]
+
+    def finish_cancelled(self, job_id: str, attempt: int, reason: str, detail: str | None, node_id: str,
+                         now: float, usage: Usage | None = None) -> bool:
+        """Record that an active job stopped because it was cancelled; False if `attempt` is stale."""
+        with self._write() as db:
+            from_state = self._active_state(db, job_id, attempt)
+            if from_state is None:
+                return False
             db.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
-                (now, now, f"cancelled: {reason}", job_id),
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, error = ?, "
+                "lease_expires_at = NULL, cancel_reason = COALESCE(cancel_reason, ?) WHERE id = ?",
+                (now, now, f"cancelled ({reason})" + (f": {detail}" if detail else ""), reason, job_id),
             )
-            self._event(db, job_id, now, state.value, JobState.CANCELLED.value, reason, None, attempt)
-            return Outcome(JobState.CANCELLED, applied=True)
+            self._add_usage(db, job_id, usage)
+            self._event(db, job_id, now, from_state, JobState.CANCELLED.value, reason, node_id, attempt, detail)
+            return True
+
+    def set_paused(self, *, tier: str | None = None, job_id: str | None = None, paused: bool, now: float) -> bool:
+        """Pause or resume a tier or one job; return True if anything changed."""
+        if (tier is None) == (job_id is None):
+            raise UsageError("pass exactly one of tier= or job_id= to set_paused")
+        with self._write() as db:
+            if tier is not None:
+                if paused:
+                    cursor = db.execute("INSERT OR IGNORE INTO paused_tiers (tier, paused_at) VALUES (?, ?)", (tier, now))
+                else:
+                    cursor = db.execute("DELETE FROM paused_tiers WHERE tier = ?", (tier,))
+                return cursor.rowcount > 0
+            row = db.execute("SELECT state, attempt, paused FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJobError(f"job {job_id!r} is not in the store {self.url}; check the id and the store URL")
+            if bool(row[2]) == paused:
+                return False
+            db.execute("UPDATE jobs SET paused = ?, updated_at = ? WHERE id = ?", (int(paused), now, job_id))
+            self._event(db, job_id, now, row[0], row[0], "paused" if paused else "unpaused", None, row[1])
+            return True
+
+    def paused(self) -> tuple[set[str], set[str]]:
+        """Return the paused tiers and the ids of paused jobs that have not ended."""
+        tiers = {row[0] for row in self._read("SELECT tier FROM paused_tiers")}
+        jobs = {row[0] for row in self._read(
+            "SELECT id FROM jobs WHERE paused = 1 AND state IN ('queued', 'running', 'suspended')")}
+        return tiers, jobs
 
     # -- nodes ------------------------------------------------------------
 
@@ -288,14 +413,15 @@ class SQLiteStore:
             return []
         tier_marks = ",".join("?" * len(tiers))
         name_marks = ",".join("?" * len(names))
-        where = f"state = 'queued' AND tier IN ({tier_marks}) AND name IN ({name_marks}) AND not_before <= ?"
+        where = (f"state = 'queued' AND tier IN ({tier_marks}) AND name IN ({name_marks}) AND not_before <= ? "
+                 "AND paused = 0")
         params = [*tiers, *names, now]
-        columns = "id, name, tier, tier_rank, priority, submitted_at"
+        columns = "id, name, tier, tier_rank, priority, submitted_at, queued_at, waited_s, deadline"
         best = self._read(
-            f"SELECT {columns} FROM jobs WHERE {where} ORDER BY tier_rank, priority DESC, submitted_at LIMIT ?",
+            f"SELECT {columns} FROM jobs WHERE {where} ORDER BY tier_rank, priority DESC, queued_at LIMIT ?",
             [*params, limit],
         )
-        oldest = self._read(f"SELECT {columns} FROM jobs WHERE {where} ORDER BY submitted_at LIMIT ?", [*params, limit])
+        oldest = self._read(f"SELECT {columns} FROM jobs WHERE {where} ORDER BY queued_at LIMIT ?", [*params, limit])
         merged = {row[0]: Candidate(*row) for row in best + oldest}
         return list(merged.values())
 
@@ -304,20 +430,24 @@ class SQLiteStore:
         with self._write() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = 'running', attempt = attempt + 1, node_id = ?, worker_pid = ?, "
-                "lease_expires_at = ?, started_at = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
-                (node_id, worker_pid, lease_expires_at, now, now, job_id),
+                "lease_expires_at = ?, started_at = ?, updated_at = ?, waited_s = waited_s + MAX(0, ? - queued_at) "
+                "WHERE id = ? AND state = 'queued' AND paused = 0",
+                (node_id, worker_pid, lease_expires_at, now, now, now, job_id),
             )
             if cursor.rowcount == 0:
                 return None
             row = db.execute(
-                "SELECT id, name, tier, priority, attempt, payload, serializer, submitted_at, metadata FROM jobs WHERE id = ?",
+                "SELECT id, name, tier, priority, attempt, payload, serializer, submitted_at, metadata, timeout_s, "
+                "deadline, checkpoint FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
             self._event(db, job_id, now, JobState.QUEUED.value, JobState.RUNNING.value, "claimed", node_id, row[4],
                         f"worker_pid={worker_pid}")
-        return Claim(*row[:8], metadata=json.loads(row[8]), started_at=now)
+        return Claim(*row[:8], metadata=json.loads(row[8]), started_at=now, timeout_s=row[9], deadline=row[10],
+                     checkpoint=row[11])
 
-    def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float) -> bool:
+    def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float,
+                 usage: Usage | None = None) -> bool:
         """Record success; False (nothing written) if `attempt` is stale."""
         with self._write() as db:
             from_state = self._active_state(db, job_id, attempt)
@@ -328,12 +458,13 @@ class SQLiteStore:
                 "lease_expires_at = NULL WHERE id = ?",
                 (result, now, now, job_id),
             )
+            self._add_usage(db, job_id, usage)
             self._event(db, job_id, now, from_state, JobState.SUCCEEDED.value, "completed", node_id, attempt)
             return True
 
     def fail(
         self, job_id: str, attempt: int, error: str, traceback: str | None, reason: str,
-        retry_at: float | None, node_id: str, now: float,
+        retry_at: float | None, node_id: str, now: float, usage: Usage | None = None,
     ) -> Outcome:
         """Count a failed attempt; queue the job again at `retry_at` while retries remain.
 
@@ -351,11 +482,12 @@ class SQLiteStore:
                 return Outcome(JobState(current[0]) if current else JobState.FAILED, applied=False)
             from_state, failures, max_retries = row
             failures += 1
+            self._add_usage(db, job_id, usage)
             if retry_at is not None and failures <= max_retries:
                 db.execute(
-                    "UPDATE jobs SET state = 'queued', failures = ?, not_before = ?, error = ?, traceback = ?, "
-                    "lease_expires_at = NULL, node_id = NULL, worker_pid = NULL, updated_at = ? WHERE id = ?",
-                    (failures, retry_at, error, traceback, now, job_id),
+                    "UPDATE jobs SET state = 'queued', failures = ?, not_before = ?, queued_at = ?, error = ?, "
+                    f"traceback = ?, {_RELEASE}, updated_at = ? WHERE id = ?",
+                    (failures, retry_at, max(now, retry_at), error, traceback, now, job_id),
                 )
                 self._event(db, job_id, now, from_state, JobState.QUEUED.value, reason, node_id, attempt,
                             f"retry {failures} of {max_retries} at {retry_at:.3f}: {error}")
@@ -368,19 +500,54 @@ class SQLiteStore:
             self._event(db, job_id, now, from_state, JobState.FAILED.value, reason, node_id, attempt, error)
             return Outcome(JobState.FAILED, applied=True)
 
-    def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float) -> bool:
-        """Queue a running job again without counting a failure (shutdown, preemption)."""
+    def requeue(self, job_id: str, attempt: int, reason: str, node_id: str, now: float,
+                usage: Usage | None = None, detail: str | None = None) -> bool:
+        """Queue an active job again without counting a failure (yield, preemption, shutdown).
+
+        It keeps its priority and the waiting time it earned, and waits behind
+        jobs that entered the queue before it at the same effective priority.
+        """
         with self._write() as db:
             from_state = self._active_state(db, job_id, attempt)
             if from_state is None:
                 return False
             db.execute(
-                "UPDATE jobs SET state = 'queued', lease_expires_at = NULL, node_id = NULL, worker_pid = NULL, "
-                "updated_at = ? WHERE id = ?",
-                (now, job_id),
+                f"UPDATE jobs SET state = 'queued', {_RELEASE}, queued_at = ?, updated_at = ? WHERE id = ?",
+                (now, now, job_id),
             )
-            self._event(db, job_id, now, from_state, JobState.QUEUED.value, reason, node_id, attempt)
+            self._add_usage(db, job_id, usage)
+            self._event(db, job_id, now, from_state, JobState.QUEUED.value, reason, node_id, attempt, detail)
             return True
+
+    def save_checkpoint(self, job_id: str, attempt: int, state: str, now: float,
+                        progress: tuple[float, float | None, str | None] | None = None) -> bool:
+        """Store a job's checkpoint (JSON text), with its progress in the same write; False if `attempt` is stale."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET checkpoint = ?, checkpoint_attempt = ?, checkpoint_at = ?, "
+                "checkpoints = checkpoints + 1, updated_at = ? "
+                "WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+                (state, attempt, now, now, job_id, attempt),
+            )
+            if cursor.rowcount == 0:
+                return False
+            if progress is not None:
+                db.execute(
+                    "UPDATE jobs SET progress_done = ?, progress_total = ?, progress_message = ? WHERE id = ?",
+                    (*progress, job_id),
+                )
+            return True
+
+    def set_progress(self, job_id: str, attempt: int, done: float, total: float | None, message: str | None,
+                     now: float) -> bool:
+        """Record a job's progress; False if `attempt` is stale."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET progress_done = ?, progress_total = ?, progress_message = ?, updated_at = ? "
+                "WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+                (done, total, message, now, job_id, attempt),
+            )
+            return cursor.rowcount > 0
 
     def set_suspended(
         self, jobs: Sequence[tuple[str, int]], suspended: bool, reason: str, node_id: str, now: float,
@@ -428,9 +595,8 @@ class SQLiteStore:
             ).fetchall()
             for job_id, state, attempt in rows:
                 db.execute(
-                    "UPDATE jobs SET state = 'queued', lease_expires_at = NULL, node_id = NULL, worker_pid = NULL, "
-                    "updated_at = ? WHERE id = ?",
-                    (now, job_id),
+                    f"UPDATE jobs SET state = 'queued', {_RELEASE}, queued_at = ?, updated_at = ? WHERE id = ?",
+                    (now, now, job_id),
                 )
                 self._event(db, job_id, now, state, JobState.QUEUED.value, "lease_expired", node_id, attempt)
         return [row[0] for row in rows]
@@ -453,6 +619,27 @@ class SQLiteStore:
         """Return the number of jobs per (tier, state)."""
         rows = self._read("SELECT tier, state, COUNT(*) FROM jobs GROUP BY tier, state")
         return {(tier, state): count for tier, state, count in rows}
+
+    def tier_accounting(self) -> list[dict[str, Any]]:
+        """Per tier: attempts, checkpoints, preemptions by mode, run, CPU and wasted CPU seconds."""
+        rows = self._read(
+            "SELECT tier, SUM(attempt), SUM(checkpoints), SUM(run_s), SUM(cpu_s), SUM(wasted_cpu_s) "
+            "FROM jobs GROUP BY tier ORDER BY tier"
+        )
+        modes = {"preempted": "suspend", "yielded": "yield", "requeued": "requeue"}
+        counts = self._read(
+            "SELECT jobs.tier, events.reason, COUNT(*) FROM events JOIN jobs ON jobs.id = events.job_id "
+            "WHERE events.reason IN ('preempted', 'yielded', 'requeued') GROUP BY jobs.tier, events.reason"
+        )
+        preemptions: dict[str, dict[str, int]] = {}
+        for tier, reason, count in counts:
+            preemptions.setdefault(tier, {})[modes[reason]] = count
+        return [
+            {"tier": tier, "attempts": attempts or 0, "checkpoints": checkpoints or 0, "run_s": run_s or 0.0,
+             "cpu_s": cpu_s or 0.0, "wasted_cpu_s": wasted or 0.0,
+             "preemptions": {mode: preemptions.get(tier, {}).get(mode, 0) for mode in ("suspend", "yield", "requeue")}}
+            for tier, attempts, checkpoints, run_s, cpu_s, wasted in rows
+        ]
 
     def active_jobs(self) -> list[JobRecord]:
         rows = self._read(

@@ -22,6 +22,9 @@ from pathlib import Path
 
 NODE = "node"
 WAITER = "waiter"
+# A datagram with this payload asks a node to re-read cancel requests and
+# pauses as well as the queue. Like any wake-up it is only a hint.
+CONTROL_HINT = b"c"
 _sequence = itertools.count()
 
 
@@ -46,15 +49,14 @@ class Listener:
     def fileno(self) -> int:
         return self._socket.fileno()
 
-    def drain(self) -> int:
-        """Read every pending datagram; return how many there were."""
-        count = 0
+    def drain(self) -> set[bytes]:
+        """Read every pending datagram; return the set of payloads seen (b"" for plain wake-ups)."""
+        payloads: set[bytes] = set()
         while True:
             try:
-                self._socket.recv(64)
+                payloads.add(self._socket.recv(64))
             except (BlockingIOError, InterruptedError):
-                return count
-            count += 1
+                return payloads
 
     def close(self) -> None:
         self._socket.close()
@@ -64,7 +66,7 @@ class Listener:
             pass
 
 
-def notify(db_path: Path, kind: str) -> int:
+def notify(db_path: Path, kind: str, payload: bytes = b"") -> int:
     """Send a wake-up to every listener of `kind`; return how many were reached.
 
     A socket file whose owner is gone refuses the datagram and is removed here.
@@ -83,7 +85,7 @@ def notify(db_path: Path, kind: str) -> int:
                 continue
             path = directory / name
             try:
-                sender.sendto(b"", str(path))
+                sender.sendto(payload, str(path))
                 reached += 1
             except (ConnectionRefusedError, FileNotFoundError):
                 _remove_stale(path)

@@ -115,3 +115,155 @@ def critical_probe(rounds, section_s, ctx):
 @app.job(tier="interactive")
 def context_fields(ctx):
     return {"job_id": ctx.job_id, "attempt": ctx.attempt, "tier": ctx.tier, "metadata": ctx.metadata}
+
+
+# -- long jobs with yield points, and jobs that ignore them ------------------
+
+
+@app.job(tier="bulk")
+def walk(total, slow_items=(), marker_dir=None, item_us=0, ctx=None):
+    """Sum a range with ctx.iterate. Items in `slow_items` sleep 3 s once (per
+    marker file), long enough that a yield request times out mid-item."""
+    state = {"sum": 0, "squares": 0, "count": 0}
+    slow = set(slow_items)
+    for item in ctx.iterate(range(total), state=state, checkpoint_every=50_000, seconds=1.0):
+        if item in slow and marker_dir is not None:
+            marker = Path(marker_dir) / f"slow-{item}"
+            if not marker.exists():
+                marker.write_text(str(ctx.attempt))
+                time.sleep(3)
+        if item_us:
+            _burn_wall(item_us / 1e6)
+        state["sum"] += item
+        state["squares"] += item * item
+        state["count"] += 1
+    return state
+
+
+def _burn_wall(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@app.job(tier="bulk")
+def never_yields(seconds):
+    """Burn CPU without ever looking at a yield point."""
+    _burn_cpu(seconds)
+    return os.getpid()
+
+
+@app.job(tier="bulk", max_retries=0)
+def append_lines(path, count, pause_s):
+    """Append a timestamped line every `pause_s` seconds, `count` times; no yield points."""
+    for index in range(count):
+        time.sleep(pause_s)
+        with open(path, "a") as out:
+            out.write(f"{index} {time.time()}\n")
+    return count
+
+
+@app.job(tier="bulk", max_retries=0)
+def append_lines_cooperative(path, count, pause_s, ctx):
+    """Like append_lines, but stops at the first check after cancellation."""
+    for index in range(count):
+        time.sleep(pause_s)
+        ctx.raise_if_cancelled()
+        with open(path, "a") as out:
+            out.write(f"{index} {time.time()}\n")
+    return count
+
+
+@app.job(tier="bulk", max_retries=0)
+def busy_loop(seconds):
+    """A pure Python loop with no sleeps and no yield points."""
+    end = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < end:
+        count += 1
+    return count
+
+
+@app.job(tier="bulk", max_retries=0)
+def long_sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.job(tier="bulk", max_retries=0)
+def silent_read(port):
+    """Read from a server that accepts the connection and never answers."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        return connection.recv(1)
+
+
+@app.job(tier="bulk", max_retries=0)
+def hold_gil(count):
+    """One C call that holds the GIL and runs no signal handler until it returns."""
+    return sum(range(count))
+
+
+@app.job(tier="bulk", max_retries=0)
+def ignore_stop(seconds):
+    """Catch every stop request and carry on."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            pass
+    return "finished"
+
+
+@app.job(tier="bulk", max_retries=0)
+def shell_tree(marker, pid_file):
+    """Start a shell with two grandchildren: a CPU burner, and a sleep that writes `marker` when it ends."""
+    import subprocess
+
+    shell = subprocess.Popen(["sh", "-c", f"(while :; do :; done) & (sleep 4; touch {marker}) & wait"])
+    Path(pid_file).write_text(str(shell.pid))
+    shell.wait()
+    return "tree ended"
+
+
+@app.job(tier="bulk", max_retries=50)
+def record_items(db_path, total, batch, item_s, ctx):
+    """Record (id, attempt) for ids 1..total in batches, checkpointing after each batch."""
+    import sqlite3
+
+    with sqlite3.connect(db_path, timeout=30, isolation_level=None) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS processed (id INTEGER, attempt INTEGER)")
+        for chunk in ctx.iterate(range(1, total + 1), batch=batch, checkpoint_every=batch, seconds=None):
+            for item in chunk:
+                time.sleep(item_s)
+                db.execute("INSERT INTO processed VALUES (?, ?)", (item, ctx.attempt))
+    return total
+
+
+@app.job(tier="bulk", max_retries=5)
+def burn_with_checkpoints(seconds, checkpoint_every_s, ctx):
+    """Burn CPU, checkpointing the CPU time done; resume from it."""
+    done = (ctx.resume_state or {}).get("done", 0.0)
+    while done < seconds:
+        step = min(checkpoint_every_s, seconds - done)
+        _burn_cpu(step)
+        done += step
+        ctx.checkpoint({"done": done})
+    return done
+
+
+@app.job(tier="bulk")
+def report_progress(steps, ctx):
+    for step in range(steps):
+        ctx.progress(step + 1, steps, f"step {step + 1}")
+        time.sleep(0.01)
+    ctx.checkpoint({"steps": steps})
+    return steps
+
+
+@app.job(tier="bulk", timeout=1.0, max_retries=0)
+def sleep_past_timeout(seconds):
+    time.sleep(seconds)
+    return seconds
