@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -126,7 +128,8 @@ class JobHandle:
         """
         if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
             raise UsageError(f"wait {wait!r} is invalid; pass a number of seconds >= 0, or None to wait until the job ends")
-        outcome = self.app.store.request_cancel(self.id, time.time(), reason="cancelled_by_user")
+        who = f"JobHandle.cancel() in pid {os.getpid()} on {socket.gethostname()}"
+        outcome = self.app.store.request_cancel(self.id, time.time(), reason="cancelled_by_user", detail=who)
         if outcome.state.is_final:
             return outcome.state
         self.app._wake_nodes(control=True)

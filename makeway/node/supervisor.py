@@ -486,6 +486,10 @@ class Supervisor:
         idle = [worker for worker in self.workers if worker.pool == pool and worker.idle]
         wall_now = time.time()
         candidates = self.store.candidates(tiers, list(self.app.registry), wall_now, limit=len(idle) + 8)
+        if any(c.deadline is not None and c.deadline <= wall_now for c in candidates):
+            # Cancel them unstarted rather than claim them late.
+            self._cancel_overdue()
+            candidates = [c for c in candidates if c.deadline is None or c.deadline > wall_now]
         ranked = rank_fifo(candidates) if pool == FIFO_POOL else rank_candidates(candidates, self.tiers, wall_now)
         if pool == INTERACTIVE_POOL and candidates:
             # Stop background workers before the claim's store write, so the
@@ -776,6 +780,9 @@ class Supervisor:
         if requeued:
             logger.warning("Requeued %d job(s) whose lease expired: %s", len(requeued), requeued)
             self._dispatch_due = True
+        self._cancel_overdue()
+
+    def _cancel_overdue(self) -> None:
         overdue = self.store.cancel_overdue(time.time())
         if overdue:
             logger.info("Cancelled %d queued job(s) whose deadline passed before they started: %s", len(overdue), overdue)

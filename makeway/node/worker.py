@@ -54,6 +54,31 @@ def _on_sigterm(signum, frame) -> None:
         raise CancellationRequested("the supervisor stopped this job with SIGTERM")
 
 
+async def _run_stoppable(coroutine):
+    """Await a job's coroutine; SIGTERM cancels its task.
+
+    asyncio swallows exceptions that a signal handler raises inside a loop
+    callback, so a coroutine job is stopped through task cancellation instead.
+    """
+    from makeway.errors import CancellationRequested
+
+    task = asyncio.ensure_future(coroutine)
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopped:
+            raise CancellationRequested("the supervisor stopped this job with SIGTERM") from None
+        raise
+
+
 class Channel:
     """The job's side of checkpoint and progress traffic with the supervisor."""
 
@@ -192,7 +217,11 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
     try:
         result = function.fn(*args, **kwargs)
         if function.is_async:
-            result = asyncio.run(result)
+            try:
+                result = asyncio.run(_run_stoppable(result))
+            finally:
+                # Closing the loop resets the signals it handled to their defaults.
+                signal.signal(signal.SIGTERM, _on_sigterm)
         _JobState.interruptible = False
     except JobInterrupt as exc:
         _JobState.interruptible = False

@@ -175,6 +175,16 @@ def append_lines_cooperative(path, count, pause_s, ctx):
 
 
 @app.job(tier="bulk", max_retries=0)
+async def async_append_lines(path, count, pause_s):
+    """append_lines as a coroutine: the stop must reach a job inside an event loop too."""
+    for index in range(count):
+        await asyncio.sleep(pause_s)
+        with open(path, "a") as out:
+            out.write(f"{index} {time.time()}\n")
+    return count
+
+
+@app.job(tier="bulk", max_retries=0)
 def busy_loop(seconds):
     """A pure Python loop with no sleeps and no yield points."""
     end = time.monotonic() + seconds
