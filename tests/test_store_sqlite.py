@@ -100,6 +100,32 @@ def test_reopen_twice_is_idempotent(store, db_path):
         reopened.close()
 
 
+def test_version_one_store_migrates_keeping_jobs(db_path):
+    # A store written by the first schema, as a released makeway left it.
+    with sqlite3.connect(db_path) as raw:
+        raw.executescript(MIGRATIONS[0])
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version VALUES (1)")
+        raw.execute(
+            "INSERT INTO jobs (id, name, tier, tier_rank, priority, state, payload, serializer, max_retries, "
+            "not_before, submitted_at, updated_at) VALUES ('old', ?, 'bulk', 30, 0, 'queued', x'7b7d', 'json', 3, "
+            "1500.0, 1000.0, 1000.0)",
+            (NAME,),
+        )
+
+    migrated = open_store("sqlite:///" + str(db_path))
+    try:
+        record = migrated.get("old")
+        assert migrated.schema_version() == len(MIGRATIONS)
+        assert record.state is JobState.QUEUED
+        # A delayed job starts waiting once it is due.
+        assert record.queued_at == 1500.0
+        assert (record.checkpoint, record.checkpoints, record.paused, record.cpu_s) == (None, 0, False, 0.0)
+        assert candidate_ids(migrated, now=2000.0) == ["old"]
+    finally:
+        migrated.close()
+
+
 def test_open_newer_schema_raises(store, db_path):
     store.close()
     with sqlite3.connect(db_path) as raw:

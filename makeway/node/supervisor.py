@@ -568,7 +568,7 @@ class Supervisor:
             worker.reclaim = None
             return
         mode = reclaim.fallbacks.pop(0)
-        now = time.monotonic()
+        now, decided_at = time.monotonic(), time.time()
         reclaim.mode, reclaim.stage = mode, 0
         if mode == "suspend":
             # Only pauses hand over a slot by suspension: the worker stays
@@ -582,6 +582,9 @@ class Supervisor:
         worker.flags.request_yield()
         grace = tier.yield_grace_s if mode == "yield" else tier.requeue_grace_s
         reclaim.next_at = now + grace
+        # The request is an event, so the time from decision to free slot can be read from the store.
+        self.store.add_event(job.job_id, job.attempt, f"{mode}_requested", self.node_id, decided_at,
+                             f"{reclaim.reason} ({reclaim.detail}); grace {grace} s")
         logger.info("Asked job=%s tier=%s attempt=%d to give up its slot by %s (%s, %s)", job.job_id, job.tier,
                     job.attempt, mode, reclaim.reason, reclaim.detail)
 
@@ -590,6 +593,7 @@ class Supervisor:
         if worker.reclaim is not None and worker.reclaim.mode == "cancel":
             return
         job = worker.assignment
+        decided_at = time.time()
         worker.flags.request_cancel()
         if worker.held_stopped:
             # A stopped job can neither see the flag nor handle SIGTERM.
@@ -597,6 +601,8 @@ class Supervisor:
                 self._record_resumed([worker], reason)
         worker.reclaim = Reclaim(mode="cancel", reason=reason,
                                  next_at=time.monotonic() + self.settings.jobs.cancel_grace_s)
+        self.store.add_event(job.job_id, job.attempt, "stop_requested", self.node_id, decided_at,
+                             f"{reason}; SIGTERM in {self.settings.jobs.cancel_grace_s} s")
         logger.info("Cancelling job=%s tier=%s attempt=%d pid=%d (%s)", job.job_id, job.tier, job.attempt,
                     worker.pid, reason)
 

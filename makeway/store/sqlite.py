@@ -373,6 +373,16 @@ class SQLiteStore:
             self._event(db, job_id, now, from_state, JobState.CANCELLED.value, reason, node_id, attempt, detail)
             return True
 
+    def add_event(self, job_id: str, attempt: int, reason: str, node_id: str | None, now: float,
+                  detail: str | None = None) -> bool:
+        """Record a decision about an active job that is not a transition (a yield request, say)."""
+        with self._write() as db:
+            state = self._active_state(db, job_id, attempt)
+            if state is None:
+                return False
+            self._event(db, job_id, now, state, state, reason, node_id, attempt, detail)
+            return True
+
     def set_paused(self, *, tier: str | None = None, job_id: str | None = None, paused: bool, now: float) -> bool:
         """Pause or resume a tier or one job; return True if anything changed."""
         if (tier is None) == (job_id is None):
