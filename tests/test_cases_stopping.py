@@ -241,8 +241,18 @@ def tree_cpu(tree: list[psutil.Process]) -> dict[int, float]:
     return usage
 
 
-def _descendants_gone(worker_pid: int) -> bool:
-    return [pid for pid in group_members(worker_pid) if pid != worker_pid] == []
+def _descendants(worker_pid: int) -> list[str]:
+    """The live processes of the worker's group other than the worker, described for a failure message."""
+    left = []
+    for pid in group_members(worker_pid):
+        if pid == worker_pid:
+            continue
+        try:
+            process = psutil.Process(pid)
+            left.append(f"{pid} {process.status()} ppid={process.ppid()} {' '.join(process.cmdline())}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
 
 
 @pytest.mark.parametrize("stop", ["cancel", "time_limit"])
@@ -260,8 +270,10 @@ def test_stop_reaches_grandchildren(app, start_node, tmp_path, stop):
 
     with pytest.raises((JobCancelled, JobFailed)):
         handle.result(timeout=30)
-    wait_until(lambda: _descendants_gone(worker_pid), timeout_s=CANCEL_GRACE_S + KILL_GRACE_S + 1.0,
-               message="no descendant left")
+    try:
+        wait_until(lambda: not _descendants(worker_pid), timeout_s=CANCEL_GRACE_S + KILL_GRACE_S + 1.0)
+    except AssertionError:
+        pytest.fail(f"descendants left after the stop: {_descendants(worker_pid)}")
     # The sleeper would have written its file 4 s after it started.
     time.sleep(4.5)
     assert not marker.exists()
