@@ -48,8 +48,10 @@ class Assignment:
         return max(0.0, now - self.started_at - suspended)
 
     def usage(self, completed: bool = False) -> Usage:
-        """What the attempt used, from the last CPU reading; an attempt that did not
-        complete wasted the CPU time since its last checkpoint."""
+        """Return what the attempt used, from the last CPU reading.
+
+        An attempt that did not complete wasted the CPU time since its last checkpoint.
+        """
         wasted = 0.0 if completed else max(0.0, self.cpu_last - self.cpu_at_checkpoint)
         return Usage(run_s=self.run_s(time.monotonic()), cpu_s=max(0.0, self.cpu_last - self.cpu_start),
                      wasted_cpu_s=wasted)

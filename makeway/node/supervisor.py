@@ -321,7 +321,7 @@ class Supervisor:
             notify(self.store_path, WAITER)
 
     def _usage(self, worker: WorkerHandle, completed: bool) -> Usage:
-        """What the worker's current attempt used; reads its CPU time now, if it still runs."""
+        """Read the worker's CPU time and return what its current attempt used."""
         job = worker.assignment
         worker.read_cpu()
         usage = job.usage(completed)
@@ -528,7 +528,7 @@ class Supervisor:
     # -- time slicing, pauses, cancellation and limits ---------------------
 
     def _slice(self, ranked: list, idle_workers: int) -> None:
-        """Take back slots of running background jobs for waiting ones, as the slicing plan says."""
+        """Take back slots of running background jobs for waiting ones, following the slicing plan."""
         holders, reclaiming = [], 0
         for worker in self.workers:
             if worker.pool != BACKGROUND_POOL or worker.assignment is None or worker.dead:

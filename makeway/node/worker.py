@@ -97,7 +97,7 @@ class Channel:
             self._flags.exit_critical()
 
     def checkpoint(self, state: str, progress) -> bool:
-        """Send a checkpoint and wait for the supervisor's answer: True if stored, False if the attempt is stale."""
+        """Send a checkpoint and wait for the supervisor's reply: True if stored, False if the attempt is stale."""
         self._sequence += 1
         signal.pthread_sigmask(signal.SIG_BLOCK, _TERM)
         try:
@@ -172,7 +172,7 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
         if message[0] == "stop":
             return
         if message[0] != "run":
-            # An answer to a checkpoint whose job was interrupted while waiting.
+            # A reply to a checkpoint whose job was interrupted while waiting for it.
             continue
         outcome = run_job(app, message[1:], flags, conn)
         if outcome[2] not in (OK, ERROR, INVALID):
@@ -225,7 +225,12 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
         _JobState.interruptible = False
     except JobInterrupt as exc:
         _JobState.interruptible = False
-        kind = YIELDED if isinstance(exc, YieldRequested) else STALE if isinstance(exc, StaleAttempt) else INTERRUPTED
+        if isinstance(exc, YieldRequested):
+            kind = YIELDED
+        elif isinstance(exc, StaleAttempt):
+            kind = STALE
+        else:
+            kind = INTERRUPTED
         return job_id, attempt, kind, None, f"{type(exc).__name__}: {exc}", None
     except Exception as exc:
         _JobState.interruptible = False
