@@ -525,3 +525,20 @@ def test_requeued_job_ranks_behind_one_that_waited_longer():
 def test_tier_rejects_a_mode_listed_twice():
     with pytest.raises(ValueError, match="lists a mode twice"):
         TierConfig(rank=5, preemption=("yield", "yield"))
+
+
+def test_handoff_same_tier_needs_a_checkpoint():
+    # Two long bulk jobs without checkpoints would restart each other forever.
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=0.0, resumable=False)]
+    waiting = [candidate("b2", "bulk", submitted_at=0.0)]
+
+    assert plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=99_999.0, now=99_999.0) == []
+
+
+def test_handoff_higher_tier_takes_slot_without_checkpoint():
+    holders = [SlotHolder("w1", "bulk", 0, slice_started_at=0.0, resumable=False)]
+    waiting = [candidate("e1", "essential", submitted_at=0.0)]
+
+    handoffs = plan_handoffs(SLICE_TIERS, holders, waiting, 0, wall_now=100.0, now=100.0)
+
+    assert [h.victim for h in handoffs] == ["w1"]

@@ -41,6 +41,8 @@ class Assignment:
     cpu_at_checkpoint: float = 0.0
     cpu_last: float = 0.0
     checkpoints: int = 0
+    # Whether the attempt started from an earlier attempt's checkpoint.
+    resumed: bool = False
 
     def run_s(self, now: float) -> float:
         """Seconds this attempt has been able to run (not suspended) by monotonic `now`."""

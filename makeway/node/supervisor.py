@@ -513,7 +513,7 @@ class Supervisor:
             idle.pop(0)
             worker.run(
                 Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
-                           timeout_s=claim.timeout_s, deadline=claim.deadline),
+                           timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None),
                 claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
             )
             if worker.read_cpu() is not None:
@@ -537,7 +537,8 @@ class Supervisor:
                 reclaiming += worker.reclaim is not None
                 continue
             job = worker.assignment
-            holders.append(SlotHolder(worker.worker_id, job.tier, job.priority, job.started_at))
+            resumable = job.resumed or job.checkpoints > 0
+            holders.append(SlotHolder(worker.worker_id, job.tier, job.priority, job.started_at, resumable))
         if not holders:
             return
         # Candidates claimed a moment ago are no longer queued.

@@ -10,8 +10,11 @@ requeued) in two cases:
 - a job of its tier or a higher one has waited past its tier's max_wait_s:
   no job waits behind a long one for longer than that.
 
-A lower tier never takes a higher tier's slot. The functions here only
-decide; the supervisor carries the decisions out.
+A lower tier never takes a higher tier's slot, and a job of the same tier
+takes the slot only of a job that has a checkpoint to resume from. Without
+that rule, two long jobs without checkpoints would take turns restarting
+each other and neither would finish. The functions here only decide; the
+supervisor carries the decisions out.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class SlotHolder:
     priority: int
     # When this attempt started running (monotonic seconds).
     slice_started_at: float
+    # True once the job has a checkpoint, so giving up its slot loses little.
+    resumable: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def plan_handoffs(
         priority = effective_priority(candidate, tier, wall_now)
         for holder in available:
             holder_tier = tiers[holder.tier]
-            if holder_tier.rank < tier.rank:
+            if holder_tier.rank < tier.rank or (holder_tier.rank == tier.rank and not holder.resumable):
                 continue
             quantum_over = now - holder.slice_started_at >= holder_tier.quantum_s
             outranks = holder_tier.rank > tier.rank or priority >= holder.priority
