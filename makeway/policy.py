@@ -51,9 +51,9 @@ class TierConfig(_Strict):
     # Preemption modes usable against this tier, in the order they are tried.
     # Interactive work suspends the tier's jobs if "suspend" is listed. Handing
     # a slot to another background job (time slicing, a higher tier, a pause)
-    # asks the job to yield, then falls back to the next mode after
-    # yield_grace_s; suspension frees a core but not a worker, so it serves
-    # pauses only.
+    # tries the modes in order: "suspend" parks the job in its worker while
+    # node.max_parked_jobs allows, "yield" requests a yield, and a job that
+    # has not yielded after yield_grace_s gets the next mode.
     preemption: tuple[PreemptionMode, ...] = ("suspend", "yield", "requeue")
     # A running job of this tier keeps its slot at least this long when jobs of
     # the same or a higher tier wait, unless one of them is past its max_wait_s.
@@ -88,6 +88,10 @@ class NodeConfig(_Strict):
     lease_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=10.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    # Background jobs that time slicing may hold suspended, each in a worker of
+    # its own, so that jobs without checkpoints can take turns without losing
+    # work. None means as many as background_workers.
+    max_parked_jobs: int | None = Field(default=None, ge=0, le=4096)
 
     @model_validator(mode="after")
     def _heartbeat_below_lease(self) -> NodeConfig:
@@ -106,6 +110,9 @@ class NodeConfig(_Strict):
 
     def resolved_background_workers(self) -> int:
         return self.resolved_slots() if self.background_workers is None else self.background_workers
+
+    def resolved_max_parked_jobs(self) -> int:
+        return self.resolved_background_workers() if self.max_parked_jobs is None else self.max_parked_jobs
 
 
 class PolicyConfig(_Strict):

@@ -103,7 +103,9 @@ max_wait_s = 2.0
     record = app.store.get(essential.id)
     assert record.finished_at - record.submitted_at < 2.0 + 1.5
     assert not bulk.status().is_final
-    assert "yielded" in reasons(app, bulk.id)
+    # The default modes park the bulk job in its worker: no work is lost.
+    assert "preempted" in reasons(app, bulk.id)
+    assert app.store.get(bulk.id).attempt == 1
     assert bulk.cancel(wait=20) is JobState.CANCELLED
 
 
@@ -249,3 +251,62 @@ def test_stale_checkpoint_after_lost_lease_is_rejected(app, start_node):
     assert after.checkpoints == checkpoints
     assert after.state is JobState.QUEUED
     assert after.attempt == record.attempt
+
+
+PARKING = """
+[node]
+slots = 1
+poll_interval_s = 0.05
+
+[tiers.bulk]
+quantum_s = 0.3
+"""
+
+
+def test_jobs_without_checkpoints_rotate_by_parking(app, start_node):
+    from tests.apps.basic import spin
+
+    start_node(PARKING)
+    first = spin.submit(1.5)
+    second = spin.submit(1.5)
+
+    first.result(timeout=60)
+    second.result(timeout=60)
+
+    records = [app.store.get(first.id), app.store.get(second.id)]
+    # Both took turns on the one slot, and neither lost work.
+    assert [record.attempt for record in records] == [1, 1]
+    second_claimed = next(e.at for e in app.store.events(second.id) if e.reason == "claimed")
+    assert second_claimed < records[0].finished_at
+    assert "preempted" in reasons(app, first.id)
+    assert "time_slice" in reasons(app, first.id)
+    assert records[0].failures == 0
+    assert records[1].failures == 0
+
+
+def test_jobs_without_checkpoints_never_restart_each_other(app, start_node):
+    from tests.apps.basic import spin
+
+    start_node("""
+[node]
+slots = 1
+poll_interval_s = 0.05
+max_parked_jobs = 0
+
+[tiers.bulk]
+quantum_s = 0.3
+""")
+    first = spin.submit(1.0)
+    wait_until(lambda: first.status() is JobState.RUNNING, message="first running")
+    second = spin.submit(1.0)
+
+    first.result(timeout=60)
+    second.result(timeout=60)
+
+    first_record, second_record = app.store.get(first.id), app.store.get(second.id)
+    # No parking room and no checkpoint: the second job waits for the first.
+    assert first_record.attempt == 1
+    assert second_record.attempt == 1
+    second_claimed = next(e.at for e in app.store.events(second.id) if e.reason == "claimed")
+    assert second_claimed >= first_record.finished_at
+    assert "yield_requested" not in reasons(app, first.id)

@@ -43,6 +43,11 @@ class Assignment:
     checkpoints: int = 0
     # Whether the attempt started from an earlier attempt's checkpoint.
     resumed: bool = False
+    # When the job last got a slot (monotonic): its start, or its unparking.
+    slice_started_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.slice_started_at = self.slice_started_at or self.started_at
 
     def run_s(self, now: float) -> float:
         """Seconds this attempt has been able to run (not suspended) by monotonic `now`."""
@@ -115,8 +120,12 @@ class WorkerHandle:
         self.deferred = False
         self.dead = False
         self.reclaim: Reclaim | None = None
-        # Held stopped for a pause, outside the interactive preemption plan.
+        # Held stopped outside the interactive preemption plan, by a pause
+        # (parked_reason "paused") or by time slicing ("time_slice"), since
+        # parked_at (wall clock); a time-sliced job waits for a free slot.
         self.parked = False
+        self.parked_reason: str | None = None
+        self.parked_at = 0.0
 
     def __repr__(self) -> str:
         job = self.assignment.job_id if self.assignment else None
@@ -137,6 +146,7 @@ class WorkerHandle:
         self.assignment = assignment
         self.reclaim = None
         self.parked = False
+        self.parked_reason = None
         self.conn.send(("run", assignment.job_id, assignment.attempt, assignment.name, payload, serializer,
                         assignment.tier, metadata, checkpoint))
 
@@ -177,7 +187,10 @@ class WorkerHandle:
         if job is not None and job.suspended_since is not None:
             job.suspended_s += time.monotonic() - job.suspended_since
             job.suspended_since = None
+        if self.parked and job is not None:
+            job.slice_started_at = time.monotonic()
         self.parked = False
+        self.parked_reason = None
         self.flags.set_suspend_pending(False)
         if self.stop_requested or self.suspended:
             signal_group(self.pid, CONTINUE)

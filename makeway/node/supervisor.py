@@ -4,11 +4,14 @@ One thread does everything, in a loop that waits on every input at once
 (wake-up datagrams, signals, worker pipes, worker process sentinels) and then
 takes named steps:
 
-    wake-ups and signals -> worker messages -> dead workers -> dispatch
-        -> preemption -> stop confirmations -> heartbeat
+    wake-ups and signals -> worker messages -> dead workers
+        -> cancel requests and pauses -> dispatch and time slicing
+        -> preemption -> stop confirmations -> time limits
+        -> reclaim steps -> heartbeat
 
-Decisions come from `makeway.scheduler`; this module only carries them out
-and writes the store. Workers never write the store.
+Decisions come from `makeway.scheduler`; this module and `reclaim.py` only
+carry them out and write the store. Workers never write the store: results,
+checkpoints and progress reach it through the supervisor.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Sequence
 from makeway.app import App
 from makeway.errors import RuntimeFault
 from makeway.node.pool import Assignment, Reclaim, WorkerHandle
+from makeway.node.reclaim import ReclaimSteps
 from makeway.node.worker import ERROR, INTERRUPTED, INVALID, OK, STALE, YIELDED
 from makeway.observe.metrics import NodeMetrics
 from makeway.policy import BACKGROUND_POOL, INTERACTIVE_POOL, Settings
 from makeway.scheduler.dispatch import rank_candidates, rank_fifo
 from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspensions
 from makeway.scheduler.retry import retry_delay_s
-from makeway.scheduler.slicing import SlotHolder, plan_handoffs
+from makeway.scheduler.slicing import TIME_SLICE
 from makeway.store import JobState, open_store
 from makeway.store.base import Usage
 from makeway.store.wakeup import CONTROL_HINT, NODE, WAITER, Listener, notify
@@ -52,7 +56,7 @@ class NodeStartError(RuntimeFault):
     """A worker could not start, usually because the app module failed to import."""
 
 
-class Supervisor:
+class Supervisor(ReclaimSteps):
     """Run a node until SIGINT or SIGTERM.
 
     `app_spec` ("package.module:app") is what workers import; `app` is the same
@@ -291,6 +295,9 @@ class Supervisor:
             if worker.deferred:
                 worker.deferred = False
                 worker.flags.set_suspend_pending(False)
+                if worker.parked:
+                    # Parking is outside the interactive plan, so stop it here.
+                    worker.request_stop()
                 self._next_plan_check_at = time.monotonic()
 
     def _finish(self, worker: WorkerHandle, job_id: str, attempt: int, kind: str, result, error, traceback) -> None:
@@ -475,7 +482,7 @@ class Supervisor:
             self._fill_pool(FIFO_POOL, self._tiers_of(FIFO_POOL))
             return
         self._interactive_queued = self._fill_pool(INTERACTIVE_POOL, self._tiers_of(INTERACTIVE_POOL))
-        self._fill_pool(BACKGROUND_POOL, self._tiers_of(BACKGROUND_POOL))
+        self._fill_background(self._tiers_of(BACKGROUND_POOL))
 
     def _tiers_of(self, pool: str) -> list[str]:
         return [name for name, tier in self.tiers.items()
@@ -500,186 +507,81 @@ class Supervisor:
         for candidate in ranked:
             if not idle:
                 break
-            worker = idle[0]
-            claim = self.store.claim(candidate.id, self.node_id, worker.pid, wall_now + self.settings.node.lease_s, time.time())
-            if claim is None:
+            outcome = self._claim_and_start(candidate, idle[0])
+            if outcome is None:
                 continue
             claimed += 1
-            if claim.deadline is not None and claim.deadline <= time.time():
-                # The claim made the job ours; cancel it here rather than start it late.
-                self.store.finish_cancelled(claim.id, claim.attempt, "deadline_exceeded", "deadline passed before start",
-                                            self.node_id, time.time())
-                continue
-            idle.pop(0)
-            worker.run(
-                Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
-                           timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None),
-                claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
-            )
-            if worker.read_cpu() is not None:
-                worker.assignment.cpu_start = worker.assignment.cpu_at_checkpoint = worker.assignment.cpu_last
-            self.metrics.attempts.labels(claim.tier).inc()
-            logger.debug("Started job=%s name=%s tier=%s attempt=%d on worker pid=%d", claim.id, claim.name,
-                         claim.tier, claim.attempt, worker.pid)
-        if pool == BACKGROUND_POOL:
-            self._slice(ranked, len(idle))
+            if outcome:
+                idle.pop(0)
         return max(0, len(candidates) - claimed)
 
-    # -- time slicing, pauses, cancellation and limits ---------------------
+    def _queued_candidates(self, tiers: list[str], limit: int) -> list:
+        wall_now = time.time()
+        candidates = self.store.candidates(tiers, list(self.app.registry), wall_now, limit=limit)
+        if any(c.deadline is not None and c.deadline <= wall_now for c in candidates):
+            # Cancel them unstarted rather than claim them late.
+            self._cancel_overdue()
+            candidates = [c for c in candidates if c.deadline is None or c.deadline > wall_now]
+        return candidates
 
-    def _slice(self, ranked: list, idle_workers: int) -> None:
-        """Take back slots of running background jobs for waiting ones, following the slicing plan."""
-        holders, reclaiming = [], 0
-        for worker in self.workers:
-            if worker.pool != BACKGROUND_POOL or worker.assignment is None or worker.dead:
-                continue
-            if worker.reclaim is not None or worker.parked:
-                reclaiming += worker.reclaim is not None
-                continue
-            job = worker.assignment
-            resumable = job.resumed or job.checkpoints > 0
-            holders.append(SlotHolder(worker.worker_id, job.tier, job.priority, job.started_at, resumable))
-        if not holders:
-            return
-        # Candidates claimed a moment ago are no longer queued.
-        running_ids = {w.assignment.job_id for w in self.workers if w.assignment is not None}
-        waiting = [candidate for candidate in ranked if candidate.id not in running_ids]
-        handoffs = plan_handoffs(self.tiers, holders, waiting, idle_workers + reclaiming, time.time(), time.monotonic())
-        by_id = {worker.worker_id: worker for worker in self.workers}
-        for handoff in handoffs:
-            worker = by_id[handoff.victim]
-            self._start_handoff(worker, handoff.reason, f"for job {handoff.beneficiary}")
-
-    def _start_handoff(self, worker: WorkerHandle, reason: str, detail: str) -> None:
-        """Make a background job give its slot back, trying its tier's modes in order."""
-        modes = [mode for mode in self.tiers[worker.assignment.tier].preemption
-                 if mode != "suspend" or reason == "paused"]
-        if not modes:
-            return
-        worker.reclaim = Reclaim(mode="", reason=reason, next_at=None, fallbacks=modes, detail=detail)
-        self._next_mode(worker)
-
-    def _next_mode(self, worker: WorkerHandle) -> None:
-        """Apply the next fallback mode of a worker's reclaim."""
-        reclaim, job = worker.reclaim, worker.assignment
-        tier = self.tiers[job.tier]
-        if not reclaim.fallbacks:
-            logger.warning("Job=%s tier=%s kept its slot: it did not yield within %.1f s and no other mode is allowed",
-                           job.job_id, job.tier, tier.yield_grace_s)
-            worker.reclaim = None
-            return
-        mode = reclaim.fallbacks.pop(0)
-        now, decided_at = time.monotonic(), time.time()
-        reclaim.mode, reclaim.stage = mode, 0
-        if mode == "suspend":
-            # Only pauses hand over a slot by suspension: the worker stays
-            # assigned and stopped until the pause is lifted.
-            worker.reclaim = None
-            worker.parked = True
-            if not worker.held_stopped:
-                worker.request_stop()
-            logger.info("Suspended job=%s tier=%s: %s", job.job_id, job.tier, reclaim.reason)
-            return
-        worker.flags.request_yield()
-        grace = tier.yield_grace_s if mode == "yield" else tier.requeue_grace_s
-        reclaim.next_at = now + grace
-        # The request is an event, so the time from decision to free slot can be read from the store.
-        self.store.add_event(job.job_id, job.attempt, f"{mode}_requested", self.node_id, decided_at,
-                             f"{reclaim.reason} ({reclaim.detail}); grace {grace} s")
-        logger.info("Asked job=%s tier=%s attempt=%d to give up its slot by %s (%s, %s)", job.job_id, job.tier,
-                    job.attempt, mode, reclaim.reason, reclaim.detail)
-
-    def _start_cancel(self, worker: WorkerHandle, reason: str) -> None:
-        """Stop a running job for good: flag, then SIGTERM, then SIGKILL, after the grace periods."""
-        if worker.reclaim is not None and worker.reclaim.mode == "cancel":
-            return
-        job = worker.assignment
-        decided_at = time.time()
-        worker.flags.request_cancel()
-        if worker.held_stopped:
-            # A stopped job can neither see the flag nor handle SIGTERM.
-            if worker.resume():
-                self._record_resumed([worker], reason)
-        worker.reclaim = Reclaim(mode="cancel", reason=reason,
-                                 next_at=time.monotonic() + self.settings.jobs.cancel_grace_s)
-        self.store.add_event(job.job_id, job.attempt, "stop_requested", self.node_id, decided_at,
-                             f"{reason}; SIGTERM in {self.settings.jobs.cancel_grace_s} s")
-        logger.info("Cancelling job=%s tier=%s attempt=%d pid=%d (%s)", job.job_id, job.tier, job.attempt,
-                    worker.pid, reason)
-
-    def _advance_reclaims(self) -> None:
-        """Take the next step of every reclaim whose grace period is over."""
-        now = time.monotonic()
-        for worker in self.workers:
-            reclaim = worker.reclaim
-            if reclaim is None or reclaim.next_at is None or now < reclaim.next_at or worker.dead:
-                continue
-            if reclaim.mode == "yield":
-                logger.info("Job=%s did not yield within its grace period; trying the next mode",
-                            worker.assignment.job_id)
-                self._next_mode(worker)
-                continue
-            worker.read_cpu()
-            if reclaim.stage == 0:
-                reclaim.stage = 1
-                reclaim.next_at = now + self.settings.jobs.kill_grace_s
-                if worker.held_stopped:
-                    worker.resume()
-                worker.terminate()
-                logger.info("Sent SIGTERM to job=%s pid=%d (%s)", worker.assignment.job_id, worker.pid, reclaim.reason)
-            elif reclaim.stage == 1:
-                reclaim.stage = 2
-                reclaim.next_at = None
-                logger.warning("Killing job=%s pid=%d: it did not stop within %.1f s of SIGTERM (%s)",
-                               worker.assignment.job_id, worker.pid, self.settings.jobs.kill_grace_s, reclaim.reason)
-                worker.kill()
-
-    def _limit_due_at(self, worker: WorkerHandle, now: float) -> float | None:
-        """When the worker's job reaches its timeout or deadline (monotonic), if it has one and is not being stopped."""
-        job = worker.assignment
-        if job is None or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
+    def _claim_and_start(self, candidate, worker: WorkerHandle) -> bool | None:
+        """Claim `candidate` and start it on `worker`: True if started, False if claimed but cancelled, None if
+        another node was first."""
+        wall_now = time.time()
+        claim = self.store.claim(candidate.id, self.node_id, worker.pid, wall_now + self.settings.node.lease_s, wall_now)
+        if claim is None:
             return None
-        due = []
-        if job.timeout_s is not None and job.suspended_since is None:
-            due.append(now + job.timeout_s - job.run_s(now))
-        if job.deadline is not None:
-            due.append(now + job.deadline - time.time())
-        return min(due) if due else None
+        if claim.deadline is not None and claim.deadline <= time.time():
+            # The claim made the job ours; cancel it here rather than start it late.
+            self.store.finish_cancelled(claim.id, claim.attempt, "deadline_exceeded", "deadline passed before start",
+                                        self.node_id, time.time())
+            return False
+        worker.run(
+            Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
+                       timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None),
+            claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
+        )
+        if worker.read_cpu() is not None:
+            worker.assignment.cpu_start = worker.assignment.cpu_at_checkpoint = worker.assignment.cpu_last
+        self.metrics.attempts.labels(claim.tier).inc()
+        logger.debug("Started job=%s name=%s tier=%s attempt=%d on worker pid=%d", claim.id, claim.name,
+                     claim.tier, claim.attempt, worker.pid)
+        return True
 
-    def _enforce_limits(self) -> None:
-        now = time.monotonic()
-        for worker in self.workers:
-            job = worker.assignment
-            if job is None or worker.dead or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
-                continue
-            if job.timeout_s is not None and job.run_s(now) >= job.timeout_s:
-                self._start_cancel(worker, "timed_out")
-            elif job.deadline is not None and time.time() >= job.deadline:
-                self._start_cancel(worker, "deadline_exceeded")
+    def _fill_background(self, tiers: list[str]) -> None:
+        """Give free background slots to the best of the queued and the time-sliced (parked) jobs.
 
-    def _check_controls(self) -> None:
-        """Apply cancel requests and pauses that clients wrote to the store."""
-        self._controls_due = False
-        self._next_controls_at = time.monotonic() + self.settings.node.poll_interval_s
-        requests = {(job_id, attempt): reason for job_id, attempt, reason in self.store.cancel_requests(self.node_id)}
-        tiers, jobs = self.store.paused()
-        if tiers != self._paused_tiers or jobs != self._paused_jobs:
-            self._dispatch_due = True
-        self._paused_tiers, self._paused_jobs = tiers, jobs
-        for worker in self.workers:
-            job = worker.assignment
-            if job is None or worker.dead:
-                continue
-            reason = requests.get((job.job_id, job.attempt))
-            if reason is not None:
-                self._start_cancel(worker, reason)
-                continue
-            paused = job.tier in tiers or job.job_id in jobs
-            if paused and worker.reclaim is None and not worker.parked and self.tiers[job.tier].preemptible:
-                self._start_handoff(worker, "paused", "tier paused" if job.tier in tiers else "job paused")
-            elif not paused and worker.parked:
-                if worker.resume():
-                    self._record_resumed([worker], "unpaused")
+        A background slot is free while fewer than `background_workers` jobs
+        run unparked. Parked jobs keep their workers, so the pool may hold
+        more workers than slots, up to `max_parked_jobs` more.
+        """
+        workers = [w for w in self.workers if w.pool == BACKGROUND_POOL and not w.dead]
+        running = sum(1 for w in workers if w.assignment is not None and not w.parked)
+        free_slots = max(0, self.settings.node.resolved_background_workers() - running)
+        idle = [w for w in workers if w.idle]
+        queued = self._queued_candidates(tiers, limit=free_slots + 8)
+        parked = {w.assignment.job_id: w for w in workers
+                  if w.parked and w.parked_reason == TIME_SLICE and w.assignment is not None}
+        entries = queued + [self._parked_entry(worker) for worker in parked.values()]
+        ranked = rank_candidates(entries, self.tiers, time.time())
+
+        waiting = []
+        for entry in ranked:
+            if free_slots == 0:
+                waiting.append(entry)
+            elif entry.id in parked:
+                self._unpark(parked[entry.id])
+                free_slots -= 1
+            elif idle:
+                outcome = self._claim_and_start(entry, idle[0])
+                if outcome:
+                    idle.pop(0)
+                    free_slots -= 1
+            else:
+                # A slot is free but every worker is busy or parked.
+                self._ensure_spare_worker()
+                waiting.append(entry)
+        self._slice(waiting, free_slots)
 
     # -- preemption -------------------------------------------------------
 

@@ -11,9 +11,10 @@ requeued) in two cases:
   no job waits behind a long one for longer than that.
 
 A lower tier never takes a higher tier's slot, and a job of the same tier
-takes the slot only of a job that has a checkpoint to resume from. Without
-that rule, two long jobs without checkpoints would take turns restarting
-each other and neither would finish. The functions here only decide; the
+takes the slot only of a job that loses little by giving it up: one with a
+checkpoint, or one that can be parked. Without that rule, two long jobs
+without checkpoints would take turns restarting each other and neither
+would finish. The functions here only decide; the
 supervisor carries the decisions out.
 """
 
@@ -39,7 +40,8 @@ class SlotHolder:
     priority: int
     # When this attempt started running (monotonic seconds).
     slice_started_at: float
-    # True once the job has a checkpoint, so giving up its slot loses little.
+    # True if giving up the slot loses little: the job has a checkpoint, or it
+    # can be parked (suspended in its worker) instead.
     resumable: bool = True
 
 
@@ -50,6 +52,8 @@ class Handoff:
     victim: Hashable
     beneficiary: str
     reason: str
+    # The beneficiary is of the victim's tier, not a higher one.
+    same_tier: bool = False
 
 
 def plan_handoffs(
@@ -88,7 +92,8 @@ def plan_handoffs(
             quantum_over = now - holder.slice_started_at >= holder_tier.quantum_s
             outranks = holder_tier.rank > tier.rank or priority >= holder.priority
             if overdue or (quantum_over and outranks):
-                handoffs.append(Handoff(holder.key, candidate.id, MAX_WAIT if overdue and not quantum_over else TIME_SLICE))
+                reason = MAX_WAIT if overdue and not quantum_over else TIME_SLICE
+                handoffs.append(Handoff(holder.key, candidate.id, reason, holder_tier.rank == tier.rank))
                 available.remove(holder)
                 break
     return handoffs
