@@ -279,6 +279,24 @@ def test_stop_reaches_grandchildren(app, start_node, tmp_path, stop):
     assert not marker.exists()
 
 
+def test_stop_kills_child_in_own_session_with_warning(app, start_node, tmp_path):
+    node_log = tmp_path / "node-0.log"
+    start_node()
+    pid_file = tmp_path / "child.pid"
+    handle = basic.start_own_session.submit(str(pid_file), 60)
+    wait_until(lambda: pid_file.exists() and pid_file.read_text(), message="child started")
+    child = psutil.Process(int(pid_file.read_text()))
+    assert os.getpgid(child.pid) != app.store.get(handle.id).worker_pid
+
+    handle.cancel()
+    with pytest.raises(JobCancelled):
+        handle.result(timeout=30)
+
+    wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout_s=5,
+               message="escaped child killed")
+    assert "outside its process group" in node_log.read_text()
+
+
 def test_suspend_stops_whole_tree_and_resume_continues_it(app, start_node, tmp_path):
     # No min_share bursts: the tree must stay stopped for the whole suspension.
     start_node("[node]\nslots = 1\n\n[tiers.bulk]\nmin_share = 0.0\n")

@@ -68,6 +68,27 @@ def kill_group_members(pgid: int) -> int:
     return killed
 
 
+def kill_escaped_children(pgid: int) -> list[tuple[int, str]]:
+    """SIGKILL the caller's descendants that left process group `pgid`; return their pids and commands.
+
+    A job's child that called setsid() or setpgid() no longer gets the
+    signals sent to the group. It stays findable through its parent links
+    only while its parent lives: a daemon that forked twice is found by
+    neither this nor the group sweep.
+    """
+    escaped = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if os.getpgid(child.pid) == pgid:
+                continue
+            command = " ".join(child.cmdline()) or child.name()
+            child.kill()
+            escaped.append((child.pid, command))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return escaped
+
+
 def cpu_seconds(process: psutil.Process) -> float | None:
     """Return the CPU time of `process` and its waited-for children, or None if it is gone."""
     try:

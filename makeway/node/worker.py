@@ -178,11 +178,15 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
         if outcome[2] not in (OK, ERROR, INVALID):
             # The job was stopped: end whatever it started in the process group
             # before this worker takes the next job.
-            from makeway.node.process import kill_group_members
+            from makeway.node.process import kill_escaped_children, kill_group_members
 
+            log = logging.getLogger(__name__)
+            for pid, command in kill_escaped_children(os.getpid()):
+                log.warning("Job %s left pid=%d (%s) outside its process group, where stop signals do not reach; "
+                            "killed it", outcome[0], pid, command)
             killed = kill_group_members(os.getpid())
             if killed:
-                logging.getLogger(__name__).info("Killed %d leftover process(es) of job %s", killed, outcome[0])
+                log.info("Killed %d leftover process(es) of job %s", killed, outcome[0])
         flags.enter_critical()
         try:
             send(("done", *outcome))

@@ -277,3 +277,14 @@ def report_progress(steps, ctx):
 def sleep_past_timeout(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.job(tier="bulk", max_retries=0)
+def start_own_session(pid_file, seconds):
+    """Start a child in a session of its own, then wait."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)], start_new_session=True)
+    Path(pid_file).write_text(str(child.pid))
+    time.sleep(seconds)
+    return child.pid
