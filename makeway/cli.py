@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, List, Optional
 
 import typer
@@ -30,11 +31,26 @@ def _configure_logging(level: str) -> int:
     return numeric
 
 
-def _import_path() -> None:
-    # An app module in the working directory must import as it does with
-    # `python -m`, also when `makeway` runs as an installed script.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+@contextmanager
+def _import_path():
+    """Put the working directory on sys.path while the app module is imported.
+
+    An app module in the working directory must import, also when `makeway`
+    runs as an installed script. The directory comes off again afterwards:
+    worker processes start with this process's sys.path and import makeway
+    before anything else, and a folder there named "makeway" (a clone, say)
+    would shadow an editable install. Workers add the directory themselves
+    once makeway is imported.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _load_app(app_spec: str, store: str | None, config: str | None):
@@ -42,8 +58,8 @@ def _load_app(app_spec: str, store: str | None, config: str | None):
     from makeway.policy import load_settings
     from makeway.store import resolve_store_url
 
-    _import_path()
-    app = load_app(app_spec)
+    with _import_path():
+        app = load_app(app_spec)
     if config is not None:
         app.settings, _ = load_settings(config)
     if store is not None or config is not None:
@@ -134,15 +150,28 @@ def submit(
         console.print_json(json.dumps(handle.result(timeout=timeout)))
 
 
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.2f}"
+
+
 def _progress_text(record) -> str:
     if record.progress_done is None:
         return ""
-    text = f"{record.progress_done:g}"
+    text = _number(record.progress_done)
     if record.progress_total:
-        text += f"/{record.progress_total:g} ({100 * record.progress_done / record.progress_total:.0f} %)"
+        text += f"/{_number(record.progress_total)} ({100 * record.progress_done / record.progress_total:.0f} %)"
     if record.progress_message:
         text += f" {record.progress_message}"
     return text
+
+
+def _timestamp(epoch: float | None) -> str | None:
+    """Format epoch seconds as local ISO 8601 time, to the millisecond."""
+    if epoch is None:
+        return None
+    from datetime import datetime
+
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="milliseconds")
 
 
 def _job_details(record, events) -> dict[str, Any]:
@@ -161,6 +190,9 @@ def _job_details(record, events) -> dict[str, Any]:
         "checkpoints": record.checkpoints, "checkpoint_at": record.checkpoint_at,
         "cancel_requested_at": record.cancel_requested_at, "cancel_reason": record.cancel_reason,
         "preemptions": preemptions, "run_s": record.run_s, "cpu_s": record.cpu_s, "wasted_cpu_s": record.wasted_cpu_s,
+        "last_reason": events[-1].reason if events else None,
+        "result": record.result.decode("utf-8", "replace") if record.result is not None and record.serializer == "json"
+        else None,
         "error": record.error,
     }
 
@@ -189,6 +221,8 @@ def status(
         for key, value in details.items():
             if key == "progress":
                 value = _progress_text(record)
+            elif key.endswith("_at") or key == "deadline":
+                value = _timestamp(value)
             table.add_row(key, "" if value is None else str(value))
         console.print(table)
         return
@@ -222,7 +256,8 @@ def status(
 
     running = Table(title="Running and suspended jobs")
     for column in ("job", "name", "tier", "state", "attempt", "worker pid", "node", "running for", "progress"):
-        running.add_column(column)
+        # Ids wrap rather than shorten, so they can be copied from the table.
+        running.add_column(column, overflow="fold")
     now = time.time()
     for record in active:
         state = record.state.value + (" (cancelling)" if record.cancel_requested_at is not None else "")

@@ -201,7 +201,8 @@ def test_pause_job_by_suspension_holds_it_stopped(app, start_node, store_url):
 
     assert runner.invoke(cli, ["resume", job.id, "--store", store_url]).exit_code == 0
     assert job.result(timeout=30) > 0
-    assert "unpaused" in reasons(app, job.id)
+    resumed = [e for e in app.store.events(job.id) if e.from_state == "suspended" and e.to_state == "running"]
+    assert [event.reason for event in resumed] == ["unpaused"]
 
 
 def test_pause_unknown_target_names_the_fix(app, store_url):
@@ -231,6 +232,10 @@ def test_progress_shown_by_status(app, start_node, store_url):
     result = CliRunner().invoke(cli, ["status", job.id, "--store", store_url])
     assert result.exit_code == 0, result.output
     assert "20/20 (100 %) step 20" in result.output
+    assert "completed" in result.output
+    details = CliRunner().invoke(cli, ["status", job.id, "--store", store_url, "--json"])
+    assert '"last_reason": "completed"' in details.output
+    assert '"result": "20"' in details.output
 
 
 def test_stale_checkpoint_after_lost_lease_is_rejected(app, start_node):

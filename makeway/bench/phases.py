@@ -102,7 +102,7 @@ def run_phase(
         started_at = time.time()
         client = None
         if spec.interactive:
-            client = subprocess.Popen([sys.executable, "-m", "makeway.demo.client", url, str(rate_per_s),
+            client = subprocess.Popen([sys.executable, "-P", "-m", "makeway.demo.client", url, str(rate_per_s),
                                        str(duration_s), str(out_file), str(inputs_file)])
         while (client.poll() is None) if client else (time.time() - started_at < duration_s):
             if spec.bulk is not None:

@@ -21,7 +21,9 @@ class NodeProcess:
                  log: IO | None = None, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None):
         self.store_url = store_url
         self.db_path = sqlite_path(store_url)
-        command = [sys.executable, "-m", "makeway", "node", "--app", app_spec, "--store", store_url, *args]
+        # -P keeps the working directory off sys.path: a folder named "makeway"
+        # there (a clone, say) would otherwise shadow an editable install.
+        command = [sys.executable, "-P", "-m", "makeway", "node", "--app", app_spec, "--store", store_url, *args]
         self.process = subprocess.Popen(
             command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, cwd=cwd,

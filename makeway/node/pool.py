@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,10 @@ class WorkerHandle:
         self.conn, child_conn = _spawn.Pipe(duplex=True)
         self.process = _spawn.Process(
             target=worker_main,
-            args=(app_spec, child_conn, self.flag_array, nice, ionice, cpu_policy, log_level, list(sys.path)),
+            # The worker adds these entries after importing makeway; the working
+            # directory comes first, as with `python -m`, for the app module.
+            args=(app_spec, child_conn, self.flag_array, nice, ionice, cpu_policy, log_level,
+                  [os.getcwd(), *sys.path]),
             name=f"makeway-{pool}-worker-{worker_id}",
             daemon=True,
         )
@@ -126,6 +130,8 @@ class WorkerHandle:
         self.parked = False
         self.parked_reason: str | None = None
         self.parked_at = 0.0
+        # Why the job was parked first; parked_reason changes when a pause ends.
+        self.park_origin: str | None = None
 
     def __repr__(self) -> str:
         job = self.assignment.job_id if self.assignment else None
@@ -146,7 +152,7 @@ class WorkerHandle:
         self.assignment = assignment
         self.reclaim = None
         self.parked = False
-        self.parked_reason = None
+        self.parked_reason = self.park_origin = None
         self.conn.send(("run", assignment.job_id, assignment.attempt, assignment.name, payload, serializer,
                         assignment.tier, metadata, checkpoint))
 

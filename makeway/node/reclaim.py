@@ -48,6 +48,7 @@ class ReclaimSteps:
         job = worker.assignment
         worker.reclaim = None
         worker.parked, worker.parked_reason, worker.parked_at = True, reason, time.time()
+        worker.park_origin = reason
         if not worker.held_stopped:
             worker.request_stop()
         self._dispatch_due = True
@@ -55,8 +56,9 @@ class ReclaimSteps:
                     reason)
 
     def _unpark(self, worker: WorkerHandle) -> None:
+        reason = "unpaused" if worker.park_origin == "paused" else TIME_SLICE
         if worker.resume():
-            self._record_resumed([worker], TIME_SLICE)
+            self._record_resumed([worker], reason)
         else:
             worker.parked, worker.parked_reason = False, None
 

@@ -654,6 +654,10 @@ class Supervisor(ReclaimSteps):
         for worker in workers:
             job = worker.assignment
             self.metrics.preemptions.labels("suspend", job.tier).inc()
+            if worker.parked:
+                logger.info("Suspended job=%s tier=%s attempt=%d pid=%d: parked (%s)", job.job_id, job.tier,
+                            job.attempt, worker.pid, worker.parked_reason)
+                continue
             logger.info(
                 "Suspended job=%s tier=%s attempt=%d pid=%d to free its slot for interactive work. "
                 "It resumes when interactive work has drained for %.3f s.",
