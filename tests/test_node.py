@@ -287,3 +287,26 @@ def test_background_workers_run_sched_idle(app, start_node):
     assert os.sched_getscheduler(interactive_pid) == os.SCHED_OTHER
     assert psutil.Process(bulk_pid).nice() == 19
     assert node.pid > 0
+
+
+def test_workers_die_with_killed_supervisor(app, start_node, tmp_path):
+    config = "[node]\nslots = 1\nlease_s = 2.0\nheartbeat_s = 0.5\n\n[tiers.bulk]\nmin_share = 0.0\n"
+    node = start_node(config)
+    bulk = basic.spin.submit(1.0)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.RUNNING, message="bulk running")
+    # Hold the bulk worker suspended: a stopped orphan would otherwise stay forever.
+    basic.interactive_sleep.submit(5)
+    wait_until(lambda: app.store.get(bulk.id).state is JobState.SUSPENDED, message="bulk suspended")
+    workers = [psutil.Process(pid) for pid in worker_pids(node)]
+
+    node.process.kill()
+    node.process.wait()
+
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+    # Another supervisor recovers the job once its lease expires.
+    start_node(config)
+    assert bulk.result(timeout=60) > 0
+    record = app.store.get(bulk.id)
+    assert record.attempt == 2
+    assert "lease_expired" in [event.reason for event in app.store.events(bulk.id)]

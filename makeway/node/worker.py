@@ -139,12 +139,37 @@ def set_background_priority(nice: int, ionice: str, cpu_policy: str = "normal") 
         logging.getLogger(__name__).debug("Cannot set the I/O class %s: %s", ionice, exc)
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its supervisor dies.
+
+    A worker of a supervisor that was SIGKILLed would otherwise run on, or
+    stay stopped forever if it was suspended; SIGKILL ends a stopped process
+    too. Uses Linux's PR_SET_PDEATHSIG; elsewhere the worker notices only when
+    its pipe closes.
+    """
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        logging.getLogger(__name__).warning("Cannot ask to die with the supervisor: %s", exc)
+    # The supervisor may have died before the request took effect.
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_policy: str, log_level: int,
                 sys_path: list[str]) -> None:
     # A process group of its own lets the supervisor stop, resume and kill the
     # job together with any child processes the job starts. It also keeps a
     # terminal's Ctrl-C away from workers, so the supervisor decides shutdown.
     os.setpgid(0, 0)
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
