@@ -203,17 +203,25 @@ def status(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    failed: bool = typer.Option(False, "--failed", help="List the jobs that ended failed, with their last error."),
 ) -> None:
     """Show job counts per tier and state, running jobs with their progress, pauses and per-tier accounting."""
     from makeway.errors import UnknownJobError
     from makeway.store import JobState
 
     job_store = _open_store(store, config)
+    if failed:
+        _print_failed(job_store, as_json)
+        return
     if job_id is not None:
         record = job_store.get(job_id)
         if record is None:
             raise UnknownJobError(f"job {job_id!r} is not in the store {job_store.url}; check the id and the --store URL")
         details = _job_details(record, job_store.events(job_id))
+        details["attempt_errors"] = [
+            {"attempt": e.attempt, "at": e.at, "reason": e.reason, "error": e.error, "traceback": e.traceback}
+            for e in job_store.attempt_errors(job_id)
+        ]
         if as_json:
             console.print_json(json.dumps(details))
             return
@@ -223,6 +231,8 @@ def status(
                 value = _progress_text(record)
             elif key.endswith("_at") or key == "deadline":
                 value = _timestamp(value)
+            elif key == "attempt_errors":
+                value = "\n".join(f"attempt {e['attempt']} ({e['reason']}): {e['error']}" for e in value)
             table.add_row(key, "" if value is None else str(value))
         console.print(table)
         return
@@ -280,6 +290,52 @@ def status(
                           str(row["preemptions"]["yield"]), str(row["preemptions"]["requeue"]),
                           f"{row['cpu_s']:.2f}", f"{row['wasted_cpu_s']:.2f}")
         console.print(usage)
+
+
+def _print_failed(job_store, as_json: bool) -> None:
+    from makeway.store import JobState
+
+    records = job_store.jobs(state=JobState.FAILED)
+    rows = []
+    for record in records:
+        events = job_store.events(record.id)
+        rows.append({"id": record.id, "name": record.name, "tier": record.tier, "attempts": record.attempt,
+                     "failures": record.failures, "finished_at": record.finished_at,
+                     "reason": events[-1].reason if events else None, "error": record.error})
+    if as_json:
+        console.print_json(json.dumps({"store": job_store.url, "failed": rows}))
+        return
+    table = Table(title=f"Failed jobs in {job_store.url} ({len(rows)})")
+    for column in ("job", "name", "tier", "attempts", "failures", "ended", "reason", "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        first_line = (row["error"] or "").splitlines()[0] if row["error"] else ""
+        table.add_row(row["id"], row["name"], row["tier"], str(row["attempts"]), str(row["failures"]),
+                      _timestamp(row["finished_at"]) or "", row["reason"] or "", first_line)
+    console.print(table)
+    if rows:
+        console.print("Queue one again with `makeway retry ID`; `makeway status ID` shows every attempt's error.")
+
+
+@cli.command()
+def retry(
+    job_ids: List[str] = typer.Argument(..., help="Ids of failed or cancelled jobs to queue again."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Queue failed or cancelled jobs again, with their failure count reset."""
+    from makeway.store.wakeup import NODE, notify
+
+    job_store = _open_store(store, config)
+    for job_id in job_ids:
+        outcome = job_store.retry(job_id, time.time(), detail="makeway retry")
+        if outcome.applied:
+            console.print(f"{job_id}: queued again")
+        else:
+            console.print(f"{job_id}: {outcome.state.value}, left alone; only failed or cancelled jobs can be retried")
+    path = getattr(job_store, "path", None)
+    if path is not None:
+        notify(path, NODE)
 
 
 @cli.command()

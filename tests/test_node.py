@@ -310,3 +310,35 @@ def test_workers_die_with_killed_supervisor(app, start_node, tmp_path):
     record = app.store.get(bulk.id)
     assert record.attempt == 2
     assert "lease_expired" in [event.reason for event in app.store.events(bulk.id)]
+
+
+def test_failed_job_listed_and_retried(app, start_node, store_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from makeway.cli import cli
+
+    start_node("[jobs]\nretry_backoff_s = 0.05\n")
+    marker = tmp_path / "fixed"
+    handle = basic.fail_until_marker.submit(str(marker))
+    with pytest.raises(JobFailed):
+        handle.result(timeout=30)
+
+    errors = app.store.attempt_errors(handle.id)
+    assert [error.attempt for error in errors] == [1, 2]
+    assert all("ValueError: no marker yet" in error.error for error in errors)
+    assert all("Traceback" in error.traceback for error in errors)
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["status", "--failed", "--store", store_url, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output)["failed"][0]["id"] == handle.id
+
+    marker.write_text("ok")
+    retried = runner.invoke(cli, ["retry", handle.id, "--store", store_url])
+    assert retried.exit_code == 0, retried.output
+    assert f"{handle.id}: queued again" in retried.output
+    assert handle.result(timeout=30) == "fixed"
+    record = app.store.get(handle.id)
+    assert record.attempt == 3
+    assert "retried_by_user" in [event.reason for event in app.store.events(handle.id)]
+    again = runner.invoke(cli, ["retry", handle.id, "--store", store_url])
+    assert "succeeded, left alone" in again.output

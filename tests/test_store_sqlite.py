@@ -732,3 +732,28 @@ def test_two_connections_submit_concurrently(db_path):
     finally:
         for store in stores:
             store.close()
+
+
+def test_error_text_capped(store):
+    store.submit([new_job("a", max_retries=0)])
+    claim(store, "a")
+
+    store.fail("a", 1, "x" * 100_000, "y" * 100_000, "job_error", None, NODE, 1001.0)
+
+    record = store.get("a")
+    assert len(record.error) < 3000
+    assert "more characters not stored" in record.error
+    assert len(record.traceback) < 21000
+    assert store.attempt_errors("a")[0].error == record.error
+
+
+def test_retry_only_failed_or_cancelled(store):
+    store.submit([new_job("failed", max_retries=0), new_job("queued")])
+    claim(store, "failed")
+    store.fail("failed", 1, "boom", None, "job_error", None, NODE, 1001.0)
+
+    assert store.retry("queued", 1002.0) == Outcome(JobState.QUEUED, applied=False)
+    assert store.retry("failed", 1002.0) == Outcome(JobState.QUEUED, applied=True)
+    record = store.get("failed")
+    assert (record.state, record.failures, record.finished_at) == (JobState.QUEUED, 0, None)
+    assert store.events("failed")[-1].reason == "retried_by_user"

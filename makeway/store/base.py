@@ -164,6 +164,17 @@ class Event:
 
 
 @dataclass(frozen=True)
+class AttemptError:
+    """The error of one failed attempt."""
+
+    attempt: int
+    at: float
+    reason: str
+    error: str | None
+    traceback: str | None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """Result of a store write that may not apply: the state afterwards, and whether this write changed it."""
 
@@ -236,3 +247,7 @@ class Store(Protocol):
     def active_jobs(self) -> list[JobRecord]: ...
 
     def tier_accounting(self) -> list[dict[str, Any]]: ...
+
+    def attempt_errors(self, job_id: str) -> list[AttemptError]: ...
+
+    def retry(self, job_id: str, now: float, detail: str | None = None) -> Outcome: ...

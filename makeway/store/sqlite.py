@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from makeway.errors import StoreError, UnknownJobError, UsageError
-from makeway.store.base import Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
+from makeway.store.base import AttemptError, Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
 
 BUSY_TIMEOUT_S = 30.0
 # A connection without a background checkpointer (a client) checkpoints
@@ -30,6 +30,10 @@ CLIENT_AUTOCHECKPOINT_PAGES = 16384
 # under steady writes a passive checkpoint never catches up with the last
 # frame, so the WAL would otherwise grow without bound.
 RESTART_CHECKPOINT_PAGES = 4096
+# Stored error texts and tracebacks are cut to these many characters, so a
+# job that fails with a huge message cannot bloat the store.
+ERROR_TEXT_LIMIT = 2000
+TRACEBACK_TEXT_LIMIT = 20000
 
 # Each entry migrates the schema from version N-1 to N; a released entry is
 # never edited, only followed by a new one.
@@ -104,6 +108,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_deadline ON jobs (state, deadline);
     CREATE TABLE paused_tiers (tier TEXT PRIMARY KEY, paused_at REAL NOT NULL);
     """,
+    # The error and traceback of every failed attempt, not only the last.
+    """
+    CREATE TABLE attempt_errors (
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        error TEXT,
+        traceback TEXT
+    );
+    CREATE INDEX attempt_errors_job ON attempt_errors (job_id, attempt);
+    """,
 ]
 
 _JOB_COLUMNS = (
@@ -115,6 +131,13 @@ _JOB_COLUMNS = (
 )
 # The columns a job leaves behind when it goes back to the queue.
 _RELEASE = "lease_expires_at = NULL, node_id = NULL, worker_pid = NULL"
+
+
+def _cap(text: str | None, limit: int) -> str | None:
+    """Cut `text` to `limit` characters, saying how much was cut."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters not stored]"
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -492,7 +515,13 @@ class SQLiteStore:
                 return Outcome(JobState(current[0]) if current else JobState.FAILED, applied=False)
             from_state, failures, max_retries = row
             failures += 1
+            error = _cap(error, ERROR_TEXT_LIMIT)
+            traceback = _cap(traceback, TRACEBACK_TEXT_LIMIT)
             self._add_usage(db, job_id, usage)
+            db.execute(
+                "INSERT INTO attempt_errors (job_id, attempt, at, reason, error, traceback) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, attempt, now, reason, error, traceback),
+            )
             if retry_at is not None and failures <= max_retries:
                 db.execute(
                     "UPDATE jobs SET state = 'queued', failures = ?, not_before = ?, queued_at = ?, error = ?, "
@@ -629,6 +658,31 @@ class SQLiteStore:
         """Return the number of jobs per (tier, state)."""
         rows = self._read("SELECT tier, state, COUNT(*) FROM jobs GROUP BY tier, state")
         return {(tier, state): count for tier, state, count in rows}
+
+    def attempt_errors(self, job_id: str) -> list[AttemptError]:
+        """Return the error of every failed attempt of a job, oldest first."""
+        rows = self._read(
+            "SELECT attempt, at, reason, error, traceback FROM attempt_errors WHERE job_id = ? ORDER BY attempt, at",
+            (job_id,),
+        )
+        return [AttemptError(*row) for row in rows]
+
+    def retry(self, job_id: str, now: float, detail: str | None = None) -> Outcome:
+        """Queue a failed or cancelled job again, with its failure count reset; other states are left alone."""
+        with self._write() as db:
+            row = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJobError(f"job {job_id!r} is not in the store {self.url}; check the id and the store URL")
+            state, attempt = JobState(row[0]), row[1]
+            if state not in (JobState.FAILED, JobState.CANCELLED):
+                return Outcome(state, applied=False)
+            db.execute(
+                f"UPDATE jobs SET state = 'queued', failures = 0, not_before = ?, queued_at = ?, finished_at = NULL, "
+                f"cancel_requested_at = NULL, cancel_reason = NULL, {_RELEASE}, updated_at = ? WHERE id = ?",
+                (now, now, now, job_id),
+            )
+            self._event(db, job_id, now, state.value, JobState.QUEUED.value, "retried_by_user", None, attempt, detail)
+            return Outcome(JobState.QUEUED, applied=True)
 
     def tier_accounting(self) -> list[dict[str, Any]]:
         """Per tier: attempts, checkpoints, preemptions by mode, run, CPU and wasted CPU seconds."""

@@ -288,3 +288,11 @@ def start_own_session(pid_file, seconds):
     Path(pid_file).write_text(str(child.pid))
     time.sleep(seconds)
     return child.pid
+
+
+@app.job(tier="bulk", max_retries=1)
+def fail_until_marker(marker):
+    """Fail with the attempt's own message until `marker` exists."""
+    if not Path(marker).exists():
+        raise ValueError(f"no marker yet at {time.time()}")
+    return "fixed"
