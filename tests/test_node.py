@@ -342,3 +342,24 @@ def test_failed_job_listed_and_retried(app, start_node, store_url, tmp_path):
     assert "retried_by_user" in [event.reason for event in app.store.events(handle.id)]
     again = runner.invoke(cli, ["retry", handle.id, "--store", store_url])
     assert "succeeded, left alone" in again.output
+
+
+def test_shutdown_yields_checkpointing_job_at_once(app, start_node):
+    node = start_node("[node]\nshutdown_grace_s = 20\n")
+    walker = basic.walk.submit(50_000_000, item_us=1)
+    interactive = basic.interactive_sleep.submit(1.0)
+    wait_until(lambda: app.store.get(walker.id).state is JobState.RUNNING
+               and app.store.get(interactive.id).state is JobState.RUNNING, message="both running")
+    started = time.monotonic()
+
+    exit_code = node.stop(timeout_s=30)
+
+    assert exit_code == 0
+    # The walk yielded at its next item instead of using the 20 s grace.
+    assert time.monotonic() - started < 10
+    record = app.store.get(walker.id)
+    assert record.state is JobState.QUEUED
+    assert record.checkpoint is not None
+    assert reasons_of(app, walker)[-1] == "yielded"
+    # The interactive job was let finish.
+    assert app.store.get(interactive.id).state is JobState.SUCCEEDED
