@@ -141,7 +141,7 @@ class App:
             if not isinstance(request, JobRequest):
                 raise UsageError(f"submit_many takes JobRequest objects from fn.prepare(...), got {request!r}")
             new_jobs.append(request.new_job)
-        ids = self.store.submit(new_jobs)
+        ids = self.store.submit(new_jobs, idempotency_ttl_s=self.settings.jobs.idempotency_ttl_s)
         self._wake_nodes()
         return [JobHandle(self, job_id) for job_id in ids]
 

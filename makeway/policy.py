@@ -145,6 +145,8 @@ class JobDefaults(_Strict):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     payload_limit_bytes: int = Field(default=1_048_576, ge=1)
+    # How long after its job ended an idempotency key still returns that job.
+    idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
     # Cancelling a running job (by a user, a time limit or a deadline) sets its
     # cancellation flag, sends SIGTERM to its process group cancel_grace_s
     # later, and SIGKILL kill_grace_s after that.

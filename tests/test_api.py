@@ -206,9 +206,19 @@ def test_options_applied_to_job(app, add):
 
 def test_options_idempotency_key(app, add):
     first = add.options(idempotency_key="k-1").submit(1, 2)
-    second = add.options(idempotency_key="k-1").submit(3, 4)
+    second = add.options(idempotency_key="k-1").submit(1, 2)
 
     assert second.id == first.id
+    assert len(stored_jobs(app)) == 1
+
+
+def test_idempotency_key_with_other_arguments_rejected(app, add):
+    first = add.options(idempotency_key="k-1").submit(1, 2)
+
+    with pytest.raises(UsageError, match="other arguments") as raised:
+        add.options(idempotency_key="k-1").submit(3, 4)
+
+    assert first.id in str(raised.value)
     assert len(stored_jobs(app)) == 1
 
 

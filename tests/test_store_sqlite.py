@@ -108,8 +108,8 @@ def test_version_one_store_migrates_keeping_jobs(db_path):
         raw.execute("INSERT INTO schema_version VALUES (1)")
         raw.execute(
             "INSERT INTO jobs (id, name, tier, tier_rank, priority, state, payload, serializer, max_retries, "
-            "not_before, submitted_at, updated_at) VALUES ('old', ?, 'bulk', 30, 0, 'queued', x'7b7d', 'json', 3, "
-            "1500.0, 1000.0, 1000.0)",
+            "not_before, submitted_at, updated_at, idempotency_key) VALUES ('old', ?, 'bulk', 30, 0, 'queued', "
+            "x'7b7d', 'json', 3, 1500.0, 1000.0, 1000.0, 'order-1')",
             (NAME,),
         )
 
@@ -122,6 +122,9 @@ def test_version_one_store_migrates_keeping_jobs(db_path):
         assert record.queued_at == 1500.0
         assert (record.checkpoint, record.checkpoints, record.paused, record.cpu_s) == (None, 0, False, 0.0)
         assert candidate_ids(migrated, now=2000.0) == ["old"]
+        # Its key now belongs to its job name.
+        assert record.idempotency_key == "order-1"
+        assert migrated.submit([new_job("again", idempotency_key="order-1", payload=b"{}")]) == ["old"]
     finally:
         migrated.close()
 
@@ -200,6 +203,28 @@ def test_idempotency_key_returns_first_id(store):
     assert first == ["a"]
     assert second == ["a"]
     assert store.get("b") is None
+
+
+def test_idempotency_key_scoped_per_job_name(store):
+    first = store.submit([new_job("a", idempotency_key="k")])
+    other_name = store.submit([new_job("b", name="tests.jobs:other", idempotency_key="k")])
+
+    assert first == ["a"]
+    assert other_name == ["b"]
+    assert store.get("b").idempotency_key == "k"
+
+
+def test_idempotency_key_free_after_ttl(store):
+    store.submit([new_job("a", idempotency_key="k", max_retries=0)])
+    claim(store, "a", now=time.time() - 100)
+    store.complete("a", 1, b"1", NODE, time.time() - 50)
+
+    kept = store.submit([new_job("b", idempotency_key="k")], idempotency_ttl_s=60)
+    renewed = store.submit([new_job("c", idempotency_key="k")], idempotency_ttl_s=10)
+
+    assert kept == ["a"]
+    assert renewed == ["c"]
+    assert store.get("a").idempotency_key is None
 
 
 def test_idempotency_key_inside_one_batch(store):

@@ -120,7 +120,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX attempt_errors_job ON attempt_errors (job_id, attempt);
     """,
+    # Idempotency keys are scoped per job name: the column stores
+    # "name<US>key", where US is the ASCII unit separator.
+    """
+    UPDATE jobs SET idempotency_key = name || char(31) || idempotency_key WHERE idempotency_key IS NOT NULL;
+    """,
 ]
+KEY_SEPARATOR = "\x1f"
 
 _JOB_COLUMNS = (
     "id, name, tier, tier_rank, priority, state, payload, serializer, attempt, failures, max_retries, "
@@ -145,6 +151,8 @@ def _record(row: sqlite3.Row) -> JobRecord:
     values["state"] = JobState(values["state"])
     values["metadata"] = json.loads(values["metadata"])
     values["paused"] = bool(values["paused"])
+    if values["idempotency_key"] is not None:
+        values["idempotency_key"] = values["idempotency_key"].split(KEY_SEPARATOR, 1)[-1]
     return JobRecord(**values)
 
 
@@ -291,16 +299,23 @@ class SQLiteStore:
 
     # -- clients ----------------------------------------------------------
 
-    def submit(self, jobs: Sequence[NewJob]) -> list[str]:
-        """Insert `jobs` in one transaction; a known idempotency key returns the first job's id."""
+    def submit(self, jobs: Sequence[NewJob], idempotency_ttl_s: float | None = None) -> list[str]:
+        """Insert `jobs` in one transaction.
+
+        A job whose idempotency key was used before for the same job name
+        returns the first job's id instead, unless that job ended more than
+        `idempotency_ttl_s` ago: then the key is free again. The same key with
+        other arguments is a UsageError, and nothing of the batch is stored.
+        """
         now = time.time()
         ids: list[str] = []
         with self._write() as db:
             for job in jobs:
-                if job.idempotency_key is not None:
-                    row = db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)).fetchone()
-                    if row:
-                        ids.append(row[0])
+                key = None if job.idempotency_key is None else f"{job.name}{KEY_SEPARATOR}{job.idempotency_key}"
+                if key is not None:
+                    existing = self._existing_for_key(db, key, job, now, idempotency_ttl_s)
+                    if existing is not None:
+                        ids.append(existing)
                         continue
                 if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job.id,)).fetchone():
                     raise UsageError(
@@ -312,12 +327,30 @@ class SQLiteStore:
                     "max_retries, not_before, submitted_at, updated_at, metadata, idempotency_key, queued_at, "
                     "timeout_s, deadline) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.name, job.tier, job.tier_rank, job.priority, job.payload, job.serializer,
-                     job.max_retries, job.not_before, now, now, json.dumps(job.metadata), job.idempotency_key,
+                     job.max_retries, job.not_before, now, now, json.dumps(job.metadata), key,
                      max(now, job.not_before), job.timeout_s, job.deadline),
                 )
                 self._event(db, job.id, now, None, JobState.QUEUED.value, "submitted", None, 0)
                 ids.append(job.id)
         return ids
+
+    @staticmethod
+    def _existing_for_key(db: sqlite3.Connection, key: str, job: NewJob, now: float,
+                          ttl_s: float | None) -> str | None:
+        """Return the id of the job that holds `key`, or None once the key is free (releasing an expired one)."""
+        row = db.execute("SELECT id, payload, finished_at FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        job_id, payload, finished_at = row
+        if ttl_s is not None and finished_at is not None and finished_at < now - ttl_s:
+            db.execute("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (job_id,))
+            return None
+        if bytes(payload) != job.payload:
+            raise UsageError(
+                f"idempotency_key {job.idempotency_key!r} was used for job {job_id} of {job.name} with other "
+                "arguments; pass a new key for new arguments, or the same arguments to get that job back"
+            )
+        return job_id
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
