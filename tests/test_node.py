@@ -363,3 +363,21 @@ def test_shutdown_yields_checkpointing_job_at_once(app, start_node):
     assert reasons_of(app, walker)[-1] == "yielded"
     # The interactive job was let finish.
     assert app.store.get(interactive.id).state is JobState.SUCCEEDED
+
+
+def test_concurrent_idempotent_submits_make_one_job(app, store_url):
+    script = (
+        "import sys\n"
+        "from tests.apps.basic import app, add\n"
+        f"app.use_store({store_url!r})\n"
+        "ids = {add.options(idempotency_key=f'order-{i}').submit(i, i).id for i in range(50)}\n"
+        "print(len(ids))\n"
+    )
+    submitters = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE) for _ in range(4)]
+    outputs = [process.communicate(timeout=120) for process in submitters]
+
+    assert [process.returncode for process in submitters] == [0, 0, 0, 0], [err.decode() for _, err in outputs]
+    # Every process got 50 ids back, and all four saw the same 50 jobs.
+    assert [out.decode().strip() for out, _ in outputs] == ["50"] * 4
+    assert len(app.store.jobs()) == 50
