@@ -339,6 +339,18 @@ def retry(
 
 
 @cli.command()
+def check(
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    full: bool = typer.Option(False, "--full", help="Run the slower full integrity check instead of the quick one."),
+) -> None:
+    """Check the store for damage; nodes run the quick check whenever they start."""
+    job_store = _open_store(store, config)
+    job_store.check(full=full)
+    console.print(f"{job_store.url}: {'integrity_check' if full else 'quick_check'} ok")
+
+
+@cli.command()
 def cancel(
     job_ids: List[str] = typer.Argument(..., help="Ids of the jobs to cancel."),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),

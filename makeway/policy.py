@@ -147,6 +147,9 @@ class JobDefaults(_Strict):
     payload_limit_bytes: int = Field(default=1_048_576, ge=1)
     # How long after its job ended an idempotency key still returns that job.
     idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
+    # Ended jobs, with their results, events and errors, are deleted this long
+    # after they ended, so the store does not grow without bound.
+    retention_s: float = Field(default=7 * 86_400.0, gt=0)
     # Cancelling a running job (by a user, a time limit or a deadline) sets its
     # cancellation flag, sends SIGTERM to its process group cancel_grace_s
     # later, and SIGKILL kill_grace_s after that.

@@ -123,3 +123,15 @@ def test_unknown_config_key_named(tmp_path, store_url):
 
     assert result.returncode == 2
     assert "node.slotz = 4: unknown key" in result.stderr
+
+
+def test_check_command_reports_ok(app, store_url):
+    from typer.testing import CliRunner
+
+    from makeway.cli import cli
+
+    app.store  # creates the store
+    result = CliRunner().invoke(cli, ["check", "--full", "--store", store_url])
+
+    assert result.exit_code == 0, result.output
+    assert "integrity_check ok" in result.output

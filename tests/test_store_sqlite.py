@@ -782,3 +782,32 @@ def test_retry_only_failed_or_cancelled(store):
     record = store.get("failed")
     assert (record.state, record.failures, record.finished_at) == (JobState.QUEUED, 0, None)
     assert store.events("failed")[-1].reason == "retried_by_user"
+
+
+def test_purge_deletes_only_jobs_ended_before(store):
+    store.submit([new_job("old", max_retries=0), new_job("recent", max_retries=0), new_job("queued")])
+    claim(store, "old")
+    store.fail("old", 1, "boom", None, "job_error", None, NODE, 1000.0)
+    claim(store, "recent")
+    store.complete("recent", 1, b"1", NODE, 5000.0)
+
+    assert store.purge_finished(before=2000.0) == 1
+
+    assert store.get("old") is None
+    assert store.events("old") == []
+    assert store.attempt_errors("old") == []
+    assert store.get("recent").state is JobState.SUCCEEDED
+    assert store.get("queued").state is JobState.QUEUED
+
+
+def test_node_refuses_damaged_store(store, db_path):
+    store.submit([new_job(f"job-{index}", payload=b"x" * 3000) for index in range(200)])
+    store.close()
+    data = bytearray(db_path.read_bytes())
+    # Overwrite pages in the middle of the file, past the header and schema.
+    middle = len(data) // 2
+    data[middle:middle + 20000] = b"\xff" * 20000
+    db_path.write_bytes(bytes(data))
+
+    with pytest.raises(StoreError, match=str(db_path)):
+        open_store("sqlite:///" + str(db_path), for_node=True)

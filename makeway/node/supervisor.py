@@ -50,6 +50,8 @@ WORKER_START_TIMEOUT_S = 60.0
 # fixed fast rate would take CPU from the interactive job meanwhile.
 STOP_CONFIRM_MIN_INTERVAL_S = 0.0005
 STOP_CONFIRM_MAX_INTERVAL_S = 0.01
+# How often a node deletes jobs past jobs.retention_s.
+PURGE_INTERVAL_S = 60.0
 
 
 class NodeStartError(RuntimeFault):
@@ -83,6 +85,7 @@ class Supervisor(ReclaimSteps):
         self._dispatch_due = True
         self._next_poll_at = 0.0
         self._next_heartbeat_at = 0.0
+        self._next_purge_at = 0.0
         self._next_plan_check_at: float | None = None
         self._interactive_queued = 0
         self._controls_due = True
@@ -694,6 +697,18 @@ class Supervisor(ReclaimSteps):
             logger.warning("Requeued %d job(s) whose lease expired: %s", len(requeued), requeued)
             self._dispatch_due = True
         self._cancel_overdue()
+        self._purge_expired()
+
+    def _purge_expired(self) -> None:
+        """Delete jobs past their retention, at most once per retention check interval."""
+        now = time.time()
+        if now < self._next_purge_at:
+            return
+        self._next_purge_at = now + PURGE_INTERVAL_S
+        purged = self.store.purge_finished(now - self.settings.jobs.retention_s)
+        if purged:
+            logger.info("Deleted %d job(s) that ended more than %.0f s ago (jobs.retention_s)", purged,
+                        self.settings.jobs.retention_s)
 
     def _cancel_overdue(self) -> None:
         overdue = self.store.cancel_overdue(time.time())

@@ -70,6 +70,13 @@ def open_store(url: str, *, for_node: bool = False, create: bool = True) -> Stor
                 "or start a node or submit a job to create it"
             )
         store = SQLiteStore(sqlite_path(url), checkpoint_interval_s=0.5 if for_node else None)
+        if for_node:
+            # A node refuses a damaged file rather than run jobs from it.
+            try:
+                store.check(full=False)
+            except BaseException:
+                store.close()
+                raise
         logger.info("Using store %s", store.url)
         return store
     if url.startswith(("postgresql:", "postgres:")):

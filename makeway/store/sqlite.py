@@ -294,6 +294,36 @@ class SQLiteStore:
         with self._lock:
             self._db.close()
 
+    def check(self, full: bool = False) -> None:
+        """Run SQLite's quick_check (or, with `full`, integrity_check); raise StoreError naming the file on damage."""
+        pragma = "integrity_check" if full else "quick_check"
+        try:
+            rows = self._read(f"PRAGMA {pragma}")
+        except sqlite3.DatabaseError as exc:
+            rows = [(str(exc),)]
+        problems = [row[0] for row in rows if row[0] != "ok"]
+        if problems:
+            raise StoreError(
+                f"the SQLite store {self.path} failed PRAGMA {pragma}: {'; '.join(problems[:5])}. "
+                "Stop every node and client using it, restore it from a backup or move it aside; "
+                "see https://sqlite.org/recovery.html for recovering what it still holds"
+            )
+
+    def purge_finished(self, before: float) -> int:
+        """Delete jobs that ended before `before`, with their events and errors; return how many."""
+        with self._write() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?",
+                (before,),
+            ).fetchall()]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM events WHERE job_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM attempt_errors WHERE job_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+        return len(ids)
+
     def schema_version(self) -> int:
         return self._read("SELECT version FROM schema_version")[0][0]
 
