@@ -811,3 +811,22 @@ def test_node_refuses_damaged_store(store, db_path):
 
     with pytest.raises(StoreError, match=str(db_path)):
         open_store("sqlite:///" + str(db_path), for_node=True)
+
+
+def test_locked_store_error_names_file_after_timeout(store, db_path):
+    from makeway.store.sqlite import SQLiteStore
+
+    impatient = SQLiteStore(db_path, busy_timeout_s=0.2)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="stayed locked") as raised:
+            impatient.submit([new_job("blocked")])
+        assert time.monotonic() - started >= 0.2
+        assert str(db_path) in str(raised.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        impatient.close()
+    assert store.get("blocked") is None

@@ -191,7 +191,7 @@ class _Checkpointer:
 class SQLiteStore:
     """Store on one SQLite file; safe for many processes on one machine."""
 
-    def __init__(self, path: Path, checkpoint_interval_s: float | None = None):
+    def __init__(self, path: Path, checkpoint_interval_s: float | None = None, busy_timeout_s: float = BUSY_TIMEOUT_S):
         """Open (and migrate) the database at `path`.
 
         With `checkpoint_interval_s`, this connection never runs a WAL
@@ -202,17 +202,18 @@ class SQLiteStore:
         """
         self.path = path
         self.url = f"sqlite:///{path}"
+        self.busy_timeout_s = busy_timeout_s
         # The client API may be used from several threads; one lock serialises
         # them on this process's connection.
         self._lock = threading.RLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._migrate()
             self._checkpointer = None
             if checkpoint_interval_s is None:
@@ -229,7 +230,16 @@ class SQLiteStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """Run a write transaction that takes the database's write lock up front."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                raise StoreError(
+                    f"the SQLite store {self.path} stayed locked by another process for {self.busy_timeout_s} s "
+                    f"({exc}); a writer may be stuck: check for processes holding it open, such as a suspended "
+                    "one or an open sqlite3 shell in a transaction"
+                ) from exc
             try:
                 yield self._db
             except BaseException:
