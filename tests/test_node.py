@@ -381,3 +381,23 @@ def test_concurrent_idempotent_submits_make_one_job(app, store_url):
     # Every process got 50 ids back, and all four saw the same 50 jobs.
     assert [out.decode().strip() for out, _ in outputs] == ["50"] * 4
     assert len(app.store.jobs()) == 50
+
+
+def test_node_rebinds_removed_wakeup_socket(app, start_node, tmp_path):
+    import shutil
+
+    from makeway.store.wakeup import wakeup_dir
+
+    node = start_node("[node]\npoll_interval_s = 2.0\n")
+    directory = wakeup_dir(node.db_path)
+    shutil.rmtree(directory)
+
+    wait_until(lambda: directory.is_dir() and any(directory.glob(f"node-{node.pid}-*.sock")), timeout_s=10,
+               message="node socket bound again")
+    handle = basic.add.submit(2, 3)
+
+    assert handle.result(timeout=10) == 5
+    claimed = next(e.at for e in app.store.events(handle.id) if e.reason == "claimed")
+    # Woken by the datagram, well before the next 2 s poll.
+    assert claimed - app.store.get(handle.id).submitted_at < 0.5
+    assert "was removed; binding a new one" in node_log(tmp_path)

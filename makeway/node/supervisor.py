@@ -250,6 +250,8 @@ class Supervisor(ReclaimSteps):
         now = time.monotonic()
         if self._controls_due or now >= self._next_controls_at:
             self._check_controls()
+        if now >= self._next_poll_at:
+            self._check_listener()
         if self._dispatch_due or now >= self._next_poll_at:
             self._dispatch()
             self._next_poll_at = time.monotonic() + self.settings.node.poll_interval_s
@@ -260,6 +262,19 @@ class Supervisor(ReclaimSteps):
         if time.monotonic() >= self._next_heartbeat_at:
             self._heartbeat()
             self._next_heartbeat_at = time.monotonic() + self.settings.node.heartbeat_s
+
+    def _check_listener(self) -> None:
+        """Bind the wake-up socket again if its file was removed (a temp-directory cleaner, say).
+
+        Without the file, clients cannot wake this node, and every job would
+        wait for the next poll.
+        """
+        if self._listener is None or self._listener.path.exists():
+            return
+        logger.warning("Wake-up socket %s was removed; binding a new one", self._listener.path)
+        self._listener.close()
+        self._listener = Listener(self.store_path, NODE)
+        self._dispatch_due = True
 
     def _drain_signals(self, ready: Sequence) -> None:
         if self._signal_reader in ready:
