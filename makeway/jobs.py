@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import sqlite3
 import os
 import socket
 import time
@@ -181,7 +182,7 @@ class JobContext:
 
     def __init__(self, *, job_id: str, name: str, tier: str, attempt: int, metadata: dict[str, Any],
                  flags: WorkerFlags | None, channel: Any = None, resume_state: Any = None,
-                 state_limit_bytes: int = 1_048_576):
+                 state_limit_bytes: int = 1_048_576, store_path: Any = None, transaction_max_s: float = 2.0):
         self.job_id = job_id
         self.name = name
         self.tier = tier
@@ -195,6 +196,8 @@ class JobContext:
         self._state_limit_bytes = state_limit_bytes
         self._progress: tuple[float, float | None, str | None] | None = None
         self._progress_sent_at = 0.0
+        self._store_path = store_path
+        self._transaction_max_s = transaction_max_s
         self.last_checkpoint: Any = None
 
     @classmethod
@@ -322,6 +325,68 @@ class JobContext:
                 last_saved_at = time.monotonic()
         save(position, True)
 
+    # -- transactions -----------------------------------------------------
+
+    @contextmanager
+    def transaction(self, checkpoint: Any = None) -> Iterator[sqlite3.Connection]:
+        """Run the block in one transaction on the job store, committed with a checkpoint.
+
+        The block gets a sqlite3 connection for the job's own tables. At the
+        end, its writes and `checkpoint` (a JSON value; None stores none)
+        commit together, fenced by the attempt number: an attempt that lost
+        its lease raises StaleAttempt and writes nothing, and an attempt
+        killed inside the block leaves nothing behind. So each committed
+        write happens once, even when the job is interrupted and resumed.
+
+        The block is a critical section, since it holds the store's only
+        write lock; past `jobs.transaction_max_s` it is rolled back with a
+        TransactionTooLong error. Keep the work between the block's
+        statements short, and compute outside the block.
+        """
+        if self._store_path is None:
+            raise UsageError("ctx.transaction() needs a job running on a node with a SQLite store")
+        text = None if checkpoint is None else _encode_state(checkpoint, self._state_limit_bytes)
+        with self.critical():
+            db = sqlite3.connect(self._store_path, timeout=self._transaction_max_s, isolation_level=None)
+            deadline = time.monotonic() + self._transaction_max_s
+            # Abort a statement that runs past the cap; checked every 1000 VM steps.
+            db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                owned = db.execute(
+                    "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+                    (self.job_id, self.attempt),
+                ).fetchone()
+                if owned is None:
+                    raise StaleAttempt(f"job {self.job_id} attempt {self.attempt} lost its lease; its transaction was "
+                                       "rolled back")
+                yield db
+                if time.monotonic() > deadline:
+                    raise TransactionTooLong(self._transaction_max_s)
+                if text is not None:
+                    db.execute(
+                        "UPDATE jobs SET checkpoint = ?, checkpoint_attempt = ?, checkpoint_at = ?, "
+                        "checkpoints = checkpoints + 1 WHERE id = ? AND attempt = ?",
+                        (text, self.attempt, time.time(), self.job_id, self.attempt),
+                    )
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if "interrupted" in str(exc):
+                    raise TransactionTooLong(self._transaction_max_s) from exc
+                raise
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                db.close()
+        if text is not None:
+            self.last_checkpoint = checkpoint
+            if self._channel is not None:
+                self._channel.checkpointed()
+
     # -- critical sections ------------------------------------------------
 
     @contextmanager
@@ -341,6 +406,16 @@ class JobContext:
             yield
         finally:
             self._flags.exit_critical()
+
+
+class TransactionTooLong(UsageError):
+    """A ctx.transaction() block held the store's write lock past jobs.transaction_max_s."""
+
+    def __init__(self, limit_s: float):
+        super().__init__(
+            f"ctx.transaction() ran longer than jobs.transaction_max_s = {limit_s} s and was rolled back; "
+            "do the slow work before the block and keep only the writes inside it"
+        )
 
 
 def _encode_state(state: Any, limit_bytes: int) -> str:

@@ -315,3 +315,72 @@ quantum_s = 0.3
     second_claimed = next(e.at for e in app.store.events(second.id) if e.reason == "claimed")
     assert second_claimed >= first_record.finished_at
     assert "yield_requested" not in reasons(app, first.id)
+
+
+def test_transaction_writes_each_row_once_despite_kills(app, start_node):
+    import os
+    import signal
+    import sqlite3
+
+    from tests.apps.basic import ledger
+
+    start_node("[node]\nslots = 1\n\n[jobs]\nretry_backoff_s = 0.05\n")
+    total = 300
+    handle = ledger.submit(total, 0.01)
+    for _ in range(5):
+        wait_until(lambda: app.store.get(handle.id).checkpoints >= 1 and handle.status() is JobState.RUNNING
+                   or handle.status().is_final, message="ledger running")
+        if handle.status().is_final:
+            break
+        time.sleep(0.3)
+        pid = app.store.get(handle.id).worker_pid
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+    assert handle.result(timeout=120) == total
+    with sqlite3.connect(app.store.path) as db:
+        rows = db.execute("SELECT item FROM ledger").fetchall()
+    assert sorted(item for (item,) in rows) == list(range(total))
+    assert "worker_lost" in reasons(app, handle.id)
+
+
+def test_transaction_past_cap_rolls_back(app, start_node):
+    import sqlite3
+
+    from makeway import JobFailed
+    from tests.apps.basic import long_transaction
+
+    start_node("[jobs]\ntransaction_max_s = 0.3\n")
+    handle = long_transaction.submit(1.0)
+
+    with pytest.raises(JobFailed, match="transaction_max_s"):
+        handle.result(timeout=30)
+    with sqlite3.connect(app.store.path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "slow" not in tables
+    assert app.store.get(handle.id).checkpoint is None
+
+
+def test_transaction_of_stale_attempt_writes_nothing(app):
+    import sqlite3
+
+    from makeway import JobContext
+    from makeway.errors import StaleAttempt
+    from tests.apps.basic import ledger
+
+    handle = ledger.submit(10, 0.0)
+    app.store.claim(handle.id, "node-a", 1, time.time() + 30, time.time())
+    app.store.requeue(handle.id, 1, "lease_expired", "node-b", time.time())
+    app.store.claim(handle.id, "node-b", 2, time.time() + 30, time.time())
+    stale = JobContext(job_id=handle.id, name="ledger", tier="bulk", attempt=1, metadata={}, flags=None,
+                       store_path=app.store.path)
+
+    with pytest.raises(StaleAttempt):
+        with stale.transaction(checkpoint={"next": 5}) as db:
+            db.execute("CREATE TABLE written (value INTEGER)")
+
+    with sqlite3.connect(app.store.path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "written" not in tables
+    assert app.store.get(handle.id).checkpoint is None

@@ -91,7 +91,7 @@ class WorkerHandle:
     """
 
     def __init__(self, worker_id: int, pool: str, app_spec: str, nice: int, ionice: str, cpu_policy: str,
-                 log_level: int):
+                 log_level: int, store_url: str | None = None):
         self.worker_id = worker_id
         self.pool = pool
         self.flag_array = new_flag_array()
@@ -102,7 +102,7 @@ class WorkerHandle:
             # The worker adds these entries after importing makeway; the working
             # directory comes first, as with `python -m`, for the app module.
             args=(app_spec, child_conn, self.flag_array, nice, ionice, cpu_policy, log_level,
-                  [os.getcwd(), *sys.path]),
+                  [os.getcwd(), *sys.path], store_url),
             name=f"makeway-{pool}-worker-{worker_id}",
             daemon=True,
         )

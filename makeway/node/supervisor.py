@@ -163,6 +163,7 @@ class Supervisor(ReclaimSteps):
             ionice=self.policy.background_ionice if background else "none",
             cpu_policy=self.policy.background_cpu_policy if background else "normal",
             log_level=self.log_level,
+            store_url=self.app.store_url,
         )
         self._next_worker_id += 1
         logger.debug("Started worker pid=%d pool=%s", worker.pid, pool)
@@ -304,6 +305,8 @@ class Supervisor(ReclaimSteps):
             self._finish(worker, *message[1:])
         elif kind == "checkpoint":
             self._save_checkpoint(worker, *message[1:])
+        elif kind == "checkpointed":
+            self._note_checkpoint(worker, *message[1:])
         elif kind == "progress":
             job_id, attempt, done, total, text = message[1:]
             self.store.set_progress(job_id, attempt, done, total, text, time.time())
@@ -388,14 +391,21 @@ class Supervisor(ReclaimSteps):
         if job is not None and job.job_id == job_id and job.attempt == attempt:
             applied = self.store.save_checkpoint(job_id, attempt, state, time.time(), progress)
             if applied:
-                job.checkpoints += 1
-                if worker.read_cpu() is not None:
-                    job.cpu_at_checkpoint = job.cpu_last
-                self.metrics.checkpoints.labels(job.tier).inc()
+                self._note_checkpoint(worker, job_id, attempt)
         try:
             worker.conn.send(("checkpoint_ack", sequence, applied))
         except (BrokenPipeError, OSError):
             self._mark_dead(worker)
+
+    def _note_checkpoint(self, worker: WorkerHandle, job_id: str, attempt: int) -> None:
+        """Count a stored checkpoint; work done before it is no longer at risk."""
+        job = worker.assignment
+        if job is None or job.job_id != job_id or job.attempt != attempt:
+            return
+        job.checkpoints += 1
+        if worker.read_cpu() is not None:
+            job.cpu_at_checkpoint = job.cpu_last
+        self.metrics.checkpoints.labels(job.tier).inc()
 
     def _release_worker(self, worker: WorkerHandle) -> None:
         """Mark a worker idle after its job ended, and let background work continue."""

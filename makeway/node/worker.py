@@ -6,6 +6,7 @@ Data flow over the worker's duplex pipe:
     worker -> supervisor   ("ready", pid) | ("done", job_id, attempt, kind, result, error, traceback)
                            | ("critical_exit",) | ("checkpoint", job_id, attempt, seq, state, progress)
                            | ("progress", job_id, attempt, done, total, message)
+                           | ("checkpointed", job_id, attempt)
 
 The worker never touches the store: a worker can be stopped with SIGSTOP at
 any moment, and a stopped process must not hold a store lock, so checkpoints
@@ -109,6 +110,14 @@ class Channel:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM)
 
+    def checkpointed(self) -> None:
+        """Tell the supervisor that the job committed a checkpoint in its own transaction."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TERM)
+        try:
+            self._send(("checkpointed", self._job_id, self._attempt))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM)
+
     def progress(self, done: float, total, message) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _TERM)
         try:
@@ -164,7 +173,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_policy: str, log_level: int,
-                sys_path: list[str]) -> None:
+                sys_path: list[str], store_url: str | None = None) -> None:
     # A process group of its own lets the supervisor stop, resume and kill the
     # job together with any child processes the job starts. It also keeps a
     # terminal's Ctrl-C away from workers, so the supervisor decides shutdown.
@@ -180,6 +189,10 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
     from makeway.node.flags import WorkerFlags
 
     app = load_app(app_spec)
+    if store_url is not None and store_url != app.store_url:
+        # The node's --store wins over what the app module says; job
+        # transactions must open the same store.
+        app.use_store(store_url)
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
@@ -241,6 +254,7 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
         kwargs = {**kwargs, "ctx": JobContext(
             job_id=job_id, name=name, tier=tier, attempt=attempt, metadata=metadata, flags=flags, channel=channel,
             resume_state=resume_state, state_limit_bytes=app.settings.jobs.payload_limit_bytes,
+            store_path=app.store_path, transaction_max_s=app.settings.jobs.transaction_max_s,
         )}
     _JobState.interruptible = True
     try:

@@ -296,3 +296,26 @@ def fail_until_marker(marker):
     if not Path(marker).exists():
         raise ValueError(f"no marker yet at {time.time()}")
     return "fixed"
+
+
+@app.job(tier="bulk", max_retries=50)
+def ledger(total, item_s, ctx):
+    """Write one ledger row per item through ctx.transaction(), each with its checkpoint."""
+    start = (ctx.resume_state or {}).get("next", 0)
+    with ctx.transaction() as db:
+        db.execute("CREATE TABLE IF NOT EXISTS ledger (item INTEGER, attempt INTEGER)")
+    for item in range(start, total):
+        time.sleep(item_s)
+        with ctx.transaction(checkpoint={"next": item + 1}) as db:
+            db.execute("INSERT INTO ledger VALUES (?, ?)", (item, ctx.attempt))
+    return total
+
+
+@app.job(tier="bulk", max_retries=0)
+def long_transaction(seconds, ctx):
+    """Hold a transaction open longer than allowed."""
+    with ctx.transaction(checkpoint={"never": True}) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS slow (value INTEGER)")
+        db.execute("INSERT INTO slow VALUES (1)")
+        time.sleep(seconds)
+    return "committed"
