@@ -427,6 +427,35 @@ def resume(
 
 
 @cli.command()
+def chaos(
+    duration: float = typer.Option(60.0, "--duration", help="Seconds of random faults."),
+    jobs: int = typer.Option(2000, "--jobs", help="Jobs submitted, of every tier; a third write ledger rows."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the random faults, to repeat a run."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Keep the store and node logs here."),
+) -> None:
+    """Run jobs while killing workers and the supervisor at random; check nothing is lost or done twice."""
+    from pathlib import Path
+
+    from makeway.chaos import run_chaos
+
+    if duration <= 0:
+        raise UsageError(f"--duration {duration} is invalid; pass a number of seconds > 0")
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs} is invalid; pass at least 1")
+    report = run_chaos(duration, jobs, Path(workdir) if workdir else None, seed=seed, log=console.print)
+    console.print(f"jobs: {report.jobs} ({report.ledger_jobs} writing {report.ledger_rows} ledger rows); "
+                  f"final states: {report.final_states}")
+    console.print(f"faults: {report.worker_kills} worker kills, {report.suspensions} suspensions, "
+                  f"{report.supervisor_kills} supervisor kills")
+    console.print(f"checks: {len(report.not_final)} not final, {len(report.wrong_results)} wrong results, "
+                  f"{report.missing_rows} missing and {report.duplicate_rows} duplicate ledger rows, "
+                  f"{len(report.leftover_workers)} leftover workers")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("chaos run passed")
+
+
+@cli.command()
 def demo(
     duration: float = typer.Option(60.0, "--duration", help="Total run time in seconds, split over three phases."),
     rate: float = typer.Option(10.0, "--rate", help="Interactive jobs submitted per second."),
