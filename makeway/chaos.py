@@ -59,7 +59,7 @@ def ledger(key: str, steps: int, step_s: float, ctx) -> int:
 
 @dataclass
 class ChaosReport:
-    """What a chaos run did and what it checked."""
+    """Counts of a chaos run's faults and of its checks' findings."""
 
     jobs: int = 0
     ledger_jobs: int = 0

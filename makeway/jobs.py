@@ -332,8 +332,8 @@ class JobContext:
         """Run the block in one transaction on the job store, committed with a checkpoint.
 
         The block gets a sqlite3 connection for the job's own tables. At the
-        end, its writes and `checkpoint` (a JSON value; None stores none)
-        commit together, fenced by the attempt number: an attempt that lost
+        end, its writes and `checkpoint` (a JSON value, or None for none)
+        commit together, fenced by the attempt number. An attempt that lost
         its lease raises StaleAttempt and writes nothing, and an attempt
         killed inside the block leaves nothing behind. So each committed
         write happens once, even when the job is interrupted and resumed.
