@@ -259,7 +259,7 @@ class BoundJobFunction:
             what=f"arguments of {function.name}",
             limit_bytes=app.settings.jobs.payload_limit_bytes,
         )
-        job_id = opts.job_id or str(uuid.uuid4())
+        job_id = str(uuid.uuid4()) if opts.job_id is None else opts.job_id
         if not isinstance(job_id, str) or not job_id:
             raise UsageError(f"job_id {job_id!r} is invalid; pass a non-empty string or leave it out")
         return JobRequest(NewJob(

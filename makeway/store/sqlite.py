@@ -221,7 +221,7 @@ class SQLiteStore:
             else:
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
                 self._checkpointer = _Checkpointer(path, checkpoint_interval_s)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {path}: {exc}. Check the path and its permissions.") from exc
 
     # -- plumbing ---------------------------------------------------------
