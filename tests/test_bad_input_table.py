@@ -107,3 +107,22 @@ def test_store_under_a_regular_file_names_the_path(tmp_path):
         App(url).store
 
     assert "permissions" in str(raised.value)
+
+
+class _Custom:
+    pass
+
+
+@pytest.mark.parametrize("argument", [
+    b"raw bytes",
+    datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+    __import__("decimal").Decimal("1.10"),
+    _Custom(),
+    "x" * (10 * 1024 * 1024),
+    lambda: None,
+], ids=["bytes", "datetime", "decimal", "custom class", "10 MB blob", "function"])
+def test_unencodable_argument_rejected_at_submit(app, argument):
+    with pytest.raises(PayloadError):
+        basic.add.submit(argument, 1)
+
+    assert app.store.jobs() == []
