@@ -401,3 +401,23 @@ def test_node_rebinds_removed_wakeup_socket(app, start_node, tmp_path):
     # Woken by the datagram, well before the next 2 s poll.
     assert claimed - app.store.get(handle.id).submitted_at < 0.5
     assert "was removed; binding a new one" in node_log(tmp_path)
+
+
+def test_second_sigterm_cuts_shutdown_grace(app, start_node):
+    node = start_node("[node]\nshutdown_grace_s = 30\n")
+    handle = basic.never_yields.submit(60)
+    wait_until(lambda: app.store.get(handle.id).state is JobState.RUNNING, message="job running")
+    started = time.monotonic()
+
+    node.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    node.process.send_signal(signal.SIGTERM)
+    exit_code = node.process.wait(timeout=20)
+
+    assert exit_code == 0
+    # Far less than the 30 s grace: the second signal stopped the wait.
+    assert time.monotonic() - started < 10
+    record = app.store.get(handle.id)
+    assert record.state is JobState.QUEUED
+    assert reasons_of(app, handle)[-1] == "shutdown"
+    assert record.failures == 0
