@@ -175,9 +175,11 @@ def _timestamp(epoch: float | None) -> str | None:
 
 
 def _job_details(record, events) -> dict[str, Any]:
+    from makeway.store.base import PREEMPTION_REASONS
+
     preemptions: dict[str, int] = {}
     for event in events:
-        mode = {"preempted": "suspend", "yielded": "yield", "requeued": "requeue"}.get(event.reason)
+        mode = PREEMPTION_REASONS.get(event.reason)
         if mode is not None:
             preemptions[mode] = preemptions.get(mode, 0) + 1
     return {
@@ -292,6 +294,15 @@ def status(
         console.print(usage)
 
 
+def _wake_nodes(job_store, control: bool) -> None:
+    """Wake the nodes of a SQLite store; `control` makes them re-read cancel requests and pauses."""
+    from makeway.store.wakeup import CONTROL_HINT, NODE, notify
+
+    path = getattr(job_store, "path", None)
+    if path is not None:
+        notify(path, NODE, CONTROL_HINT if control else b"")
+
+
 def _print_failed(job_store, as_json: bool) -> None:
     from makeway.store import JobState
 
@@ -324,8 +335,6 @@ def retry(
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Queue failed or cancelled jobs again, with their failure count reset."""
-    from makeway.store.wakeup import NODE, notify
-
     job_store = _open_store(store, config)
     for job_id in job_ids:
         outcome = job_store.retry(job_id, time.time(), detail="makeway retry")
@@ -333,9 +342,7 @@ def retry(
             console.print(f"{job_id}: queued again")
         else:
             console.print(f"{job_id}: {outcome.state.value}, left alone; only failed or cancelled jobs can be retried")
-    path = getattr(job_store, "path", None)
-    if path is not None:
-        notify(path, NODE)
+    _wake_nodes(job_store, control=False)
 
 
 @cli.command()
@@ -359,8 +366,6 @@ def cancel(
 ) -> None:
     """Cancel jobs: queued ones at once, running ones through their node (flag, SIGTERM, then SIGKILL)."""
     from makeway.jobs import wait_for_final
-    from makeway.store.wakeup import CONTROL_HINT, NODE, notify
-
     if wait < 0:
         raise UsageError(f"--wait {wait} is invalid; pass a number of seconds >= 0")
     job_store = _open_store(store, config)
@@ -368,9 +373,7 @@ def cancel(
         outcome = job_store.request_cancel(job_id, time.time(), reason="cancelled_by_user", detail="makeway cancel")
         state = outcome.state
         if not state.is_final:
-            path = getattr(job_store, "path", None)
-            if path is not None:
-                notify(path, NODE, CONTROL_HINT)
+            _wake_nodes(job_store, control=True)
             if wait > 0:
                 state = wait_for_final(job_store, job_id, wait)
         if state.is_final and not outcome.applied:
@@ -383,7 +386,6 @@ def cancel(
 
 def _set_paused(target: str, paused: bool, store: str | None, config: str | None) -> None:
     from makeway.policy import load_settings
-    from makeway.store.wakeup import CONTROL_HINT, NODE, notify
 
     settings, _ = load_settings(config)
     job_store = _open_store(store, config)
@@ -399,9 +401,7 @@ def _set_paused(target: str, paused: bool, store: str | None, config: str | None
     else:
         raise UsageError(f"{target!r} is neither a tier ({', '.join(sorted(settings.tiers))}) nor a job id in "
                          f"{job_store.url}; check the name")
-    path = getattr(job_store, "path", None)
-    if path is not None:
-        notify(path, NODE, CONTROL_HINT)
+    _wake_nodes(job_store, control=True)
     verb = "paused" if paused else "resumed"
     console.print(f"{what}: {verb}" if changed else f"{what}: already {verb}")
 

@@ -117,11 +117,11 @@ class JobHandle:
         """Cancel the job and return its state afterwards.
 
         A queued job is cancelled at once and never starts. A running or
-        suspended job is told to stop: its node sets the cancellation flag,
+        suspended job is stopped by its node, which sets the cancellation flag,
         then sends SIGTERM and finally SIGKILL to its process group after the
         grace periods (`jobs.cancel_grace_s`, `jobs.kill_grace_s`). The job
         stays running or suspended until its node confirms the stop, so the
-        state returned never says "cancelled" while job code still runs.
+        state returned is never "cancelled" while job code still runs.
 
         `wait` is how many seconds to wait for that confirmation (None: until
         the job ends). A job that ended before the request keeps its final
@@ -129,8 +129,8 @@ class JobHandle:
         """
         if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0):
             raise UsageError(f"wait {wait!r} is invalid; pass a number of seconds >= 0, or None to wait until the job ends")
-        who = f"JobHandle.cancel() in pid {os.getpid()} on {socket.gethostname()}"
-        outcome = self.app.store.request_cancel(self.id, time.time(), reason="cancelled_by_user", detail=who)
+        requester = f"JobHandle.cancel() in pid {os.getpid()} on {socket.gethostname()}"
+        outcome = self.app.store.request_cancel(self.id, time.time(), reason="cancelled_by_user", detail=requester)
         if outcome.state.is_final:
             return outcome.state
         self.app._wake_nodes(control=True)
@@ -177,7 +177,7 @@ class JobContext:
 
     Never serialized: each worker builds one per attempt. Outside a worker (a
     job function called directly with a context from `JobContext.local()`),
-    checkpoints stay in memory and nothing ever asks the job to yield.
+    checkpoints stay in memory and no yield is ever requested.
     """
 
     def __init__(self, *, job_id: str, name: str, tier: str, attempt: int, metadata: dict[str, Any],
@@ -209,7 +209,7 @@ class JobContext:
     # -- yield points -----------------------------------------------------
 
     def should_yield(self) -> bool:
-        """True when the supervisor asks this job to give up its slot.
+        """True when the supervisor requests that this job give up its slot.
 
         A read of shared memory, cheap enough to call on every item. On True,
         call `checkpoint()`, which saves the state and ends the attempt; the
@@ -280,8 +280,8 @@ class JobContext:
 
         A checkpoint is written every `checkpoint_every` items or `seconds`
         seconds, whichever comes first, at the end of the input, and whenever
-        the supervisor asks the job to yield (the loop then raises
-        YieldRequested). With `batch`, the loop yields lists of up to `batch`
+        the supervisor requests a yield; the loop then raises
+        YieldRequested. With `batch`, the loop yields lists of up to `batch`
         items and checkpoints only between batches.
         """
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)

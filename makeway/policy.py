@@ -145,8 +145,8 @@ class JobDefaults(_Strict):
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     payload_limit_bytes: int = Field(default=1_048_576, ge=1)
-    # Longest a ctx.transaction() block may hold the store's write lock; a
-    # longer one is rolled back with an error. It blocks every other writer,
+    # Maximum time a ctx.transaction() block may keep the store's write lock.
+    # A longer block is rolled back with an error. It blocks every other writer,
     # the supervisor included, so it stays well below node.lease_s.
     transaction_max_s: float = Field(default=2.0, gt=0, le=60)
     # How long after its job ended an idempotency key still returns that job.

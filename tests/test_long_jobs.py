@@ -43,7 +43,7 @@ def test_walk_survives_yields_and_requeues_with_exact_result(app, start_node, tm
 
     start_node(ROTATING)
     total = 1_000_000
-    # Two walks share one slot and rotate; each of two slow items makes a yield
+    # Two walks share one slot and rotate. Each of two slow items makes a yield
     # request time out, so the job is requeued by SIGTERM mid-item.
     first = walk.submit(total, slow_items=[300_000, 700_000], marker_dir=str(tmp_path), item_us=3)
     second = walk.submit(total, item_us=3)

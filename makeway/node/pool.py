@@ -72,8 +72,8 @@ class Reclaim:
     `mode` is "cancel" (the job ends for good: cancelled or timed out),
     "yield" (the job is asked to give up its slot at its next yield point)
     or "requeue" (asked to yield, then terminated). `stage` counts the steps
-    taken: 0 flag set, 1 SIGTERM sent, 2 SIGKILL sent; `next_at` is when the
-    next step is due (monotonic), `fallbacks` the modes to try after yield.
+    taken: 0 flag set, 1 SIGTERM sent, 2 SIGKILL sent. `next_at` is when the
+    next step is due (monotonic), and `fallbacks` lists the modes to try next.
     """
 
     mode: str
@@ -124,10 +124,9 @@ class WorkerHandle:
         self.deferred = False
         self.dead = False
         self.reclaim: Reclaim | None = None
-        # Held stopped outside the interactive preemption plan, by a pause
-        # (parked_reason "paused") or by time slicing ("time_slice"), since
-        # parked_at (wall clock); a time-sliced job waits for a free slot.
-        self.parked = False
+        # Why the worker is held stopped outside the interactive preemption
+        # plan: "paused", or "time_slice" while the job waits for a free slot.
+        # None while it is not parked. parked_at is wall-clock time.
         self.parked_reason: str | None = None
         self.parked_at = 0.0
         # Why the job was parked first; parked_reason changes when a pause ends.
@@ -142,6 +141,15 @@ class WorkerHandle:
         return self.ready and not self.dead and self.assignment is None
 
     @property
+    def parked(self) -> bool:
+        return self.parked_reason is not None
+
+    @property
+    def cancelling(self) -> bool:
+        """True while the supervisor stops the job for good (cancellation, time limit, deadline)."""
+        return self.reclaim is not None and self.reclaim.mode == "cancel"
+
+    @property
     def held_stopped(self) -> bool:
         """True while the supervisor wants this worker stopped (sent, confirmed or deferred)."""
         return self.stop_requested or self.suspended or self.deferred
@@ -151,7 +159,6 @@ class WorkerHandle:
         self.flags.reset()
         self.assignment = assignment
         self.reclaim = None
-        self.parked = False
         self.parked_reason = self.park_origin = None
         self.conn.send(("run", assignment.job_id, assignment.attempt, assignment.name, payload, serializer,
                         assignment.tier, metadata, checkpoint))
@@ -195,7 +202,6 @@ class WorkerHandle:
             job.suspended_since = None
         if self.parked and job is not None:
             job.slice_started_at = time.monotonic()
-        self.parked = False
         self.parked_reason = None
         self.flags.set_suspend_pending(False)
         if self.stop_requested or self.suspended:

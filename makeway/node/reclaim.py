@@ -47,7 +47,7 @@ class ReclaimSteps:
         """Suspend a background job in its worker outside the interactive plan, freeing its slot."""
         job = worker.assignment
         worker.reclaim = None
-        worker.parked, worker.parked_reason, worker.parked_at = True, reason, time.time()
+        worker.parked_reason, worker.parked_at = reason, time.time()
         worker.park_origin = reason
         if not worker.held_stopped:
             worker.request_stop()
@@ -60,7 +60,7 @@ class ReclaimSteps:
         if worker.resume():
             self._record_resumed([worker], reason)
         else:
-            worker.parked, worker.parked_reason = False, None
+            worker.parked_reason = None
 
     def _slice(self, waiting: list, free_slots: int) -> None:
         """Take back slots of running background jobs for waiting ones, following the slicing plan."""
@@ -128,7 +128,7 @@ class ReclaimSteps:
 
     def _start_cancel(self, worker: WorkerHandle, reason: str) -> None:
         """Stop a running job for good: flag, then SIGTERM, then SIGKILL, after the grace periods."""
-        if worker.reclaim is not None and worker.reclaim.mode == "cancel":
+        if worker.cancelling:
             return
         job = worker.assignment
         decided_at = time.time()
@@ -174,7 +174,7 @@ class ReclaimSteps:
     def _limit_due_at(self, worker: WorkerHandle, now: float) -> float | None:
         """When the worker's job reaches its timeout or deadline (monotonic), if it has one and is not being stopped."""
         job = worker.assignment
-        if job is None or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
+        if job is None or worker.cancelling:
             return None
         due = []
         if job.timeout_s is not None and job.suspended_since is None:
@@ -187,7 +187,7 @@ class ReclaimSteps:
         now = time.monotonic()
         for worker in self.workers:
             job = worker.assignment
-            if job is None or worker.dead or (worker.reclaim is not None and worker.reclaim.mode == "cancel"):
+            if job is None or worker.dead or worker.cancelling:
                 continue
             if job.timeout_s is not None and job.run_s(now) >= job.timeout_s:
                 self._start_cancel(worker, "timed_out")

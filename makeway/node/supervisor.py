@@ -624,7 +624,7 @@ class Supervisor(ReclaimSteps):
         background = {
             worker.worker_id: worker for worker in self.workers
             if worker.pool == BACKGROUND_POOL and worker.assignment is not None and not worker.dead
-            and not worker.parked and not (worker.reclaim is not None and worker.reclaim.mode == "cancel")
+            and not worker.parked and not worker.cancelling
         }
         running_jobs = [
             RunningJob(key, w.assignment.tier, w.assignment.priority, w.assignment.started_at)
@@ -725,7 +725,7 @@ class Supervisor(ReclaimSteps):
         self._purge_expired()
 
     def _purge_expired(self) -> None:
-        """Delete jobs past their retention, at most once per retention check interval."""
+        """Delete jobs past jobs.retention_s, at most once per PURGE_INTERVAL_S."""
         now = time.time()
         if now < self._next_purge_at:
             return

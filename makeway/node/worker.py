@@ -190,7 +190,7 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
 
     app = load_app(app_spec)
     if store_url is not None and store_url != app.store_url:
-        # The node's --store wins over what the app module says; job
+        # The node's --store wins over the app module's store; job
         # transactions must open the same store.
         app.use_store(store_url)
     send_lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Time slicing: when a waiting background job takes the slot of a running one.
 
 Suspension makes room for interactive work on the CPU, but a suspended job
-still holds its worker. When more background jobs are runnable than there are
+still keeps its worker. When more background jobs are runnable than there are
 background slots, a running job gives its slot back (by yielding, or by being
 requeued) in two cases:
 

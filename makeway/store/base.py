@@ -29,6 +29,8 @@ class JobState(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+# The event reason that records each preemption mode.
+PREEMPTION_REASONS = {"preempted": "suspend", "yielded": "yield", "requeued": "requeue"}
 ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.SUSPENDED})
 
 

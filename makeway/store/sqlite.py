@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from makeway.errors import StoreError, UnknownJobError, UsageError
-from makeway.store.base import AttemptError, Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
+from makeway.store.base import PREEMPTION_REASONS, AttemptError, Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
 
 BUSY_TIMEOUT_S = 30.0
 # A connection without a background checkpointer (a client) checkpoints
@@ -377,7 +377,7 @@ class SQLiteStore:
     @staticmethod
     def _existing_for_key(db: sqlite3.Connection, key: str, job: NewJob, now: float,
                           ttl_s: float | None) -> str | None:
-        """Return the id of the job that holds `key`, or None once the key is free (releasing an expired one)."""
+        """Return the id of the job that owns `key`, or None once the key is free (releasing an expired one)."""
         row = db.execute("SELECT id, payload, finished_at FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
         if row is None:
             return None
@@ -763,14 +763,13 @@ class SQLiteStore:
             "SELECT tier, SUM(attempt), SUM(checkpoints), SUM(run_s), SUM(cpu_s), SUM(wasted_cpu_s) "
             "FROM jobs GROUP BY tier ORDER BY tier"
         )
-        modes = {"preempted": "suspend", "yielded": "yield", "requeued": "requeue"}
         counts = self._read(
             "SELECT jobs.tier, events.reason, COUNT(*) FROM events JOIN jobs ON jobs.id = events.job_id "
             "WHERE events.reason IN ('preempted', 'yielded', 'requeued') GROUP BY jobs.tier, events.reason"
         )
         preemptions: dict[str, dict[str, int]] = {}
         for tier, reason, count in counts:
-            preemptions.setdefault(tier, {})[modes[reason]] = count
+            preemptions.setdefault(tier, {})[PREEMPTION_REASONS[reason]] = count
         return [
             {"tier": tier, "attempts": attempts or 0, "checkpoints": checkpoints or 0, "run_s": run_s or 0.0,
              "cpu_s": cpu_s or 0.0, "wasted_cpu_s": wasted or 0.0,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 NODE = "node"
 WAITER = "waiter"
-# A datagram with this payload asks a node to re-read cancel requests and
+# A datagram with this payload makes a node re-read cancel requests and
 # pauses as well as the queue. Like any wake-up it is only a hint.
 CONTROL_HINT = b"c"
 _sequence = itertools.count()

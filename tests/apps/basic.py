@@ -202,7 +202,7 @@ def long_sleep(seconds):
 
 @app.job(tier="bulk", max_retries=0)
 def silent_read(port):
-    """Read from a server that accepts the connection and never answers."""
+    """Read from a server that accepts the connection and never sends a byte."""
     import socket
 
     with socket.create_connection(("127.0.0.1", port)) as connection:
