@@ -37,6 +37,9 @@ shutdown_grace_s = 2.0
 [jobs]
 retry_backoff_s = 0.05
 retry_backoff_max_s = 1.0
+retry_jitter_s = 0.2
+# The suite kills workers on purpose; no job is to blame for it.
+max_worker_losses = 1000
 """
 LEDGER_RETRIES = 1000
 

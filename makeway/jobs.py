@@ -9,7 +9,7 @@ import sqlite3
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -27,7 +27,8 @@ from makeway.node.flags import CANCEL_REQUESTED as CANCEL_INDEX
 from makeway.node.flags import YIELD_REQUESTED as YIELD_INDEX
 from makeway.serialization import decode
 from makeway.store import JobState
-from makeway.store.wakeup import WAITER, Listener
+from makeway.store.sqlite import SQLiteStore, record_checkpoint, record_completion
+from makeway.store.wakeup import WAITER, Listener, notify
 
 if TYPE_CHECKING:
     from makeway.app import App
@@ -172,6 +173,10 @@ ITERATE_KEY = "makeway.iterate"
 PROGRESS_INTERVAL_S = 0.2
 
 
+# Tells `ctx.transaction()` called without a result from one called with None.
+_NO_RESULT = object()
+
+
 class JobContext:
     """Runtime interface for a running job, passed to a job function's `ctx` parameter.
 
@@ -182,7 +187,8 @@ class JobContext:
 
     def __init__(self, *, job_id: str, name: str, tier: str, attempt: int, metadata: dict[str, Any],
                  flags: WorkerFlags | None, channel: Any = None, resume_state: Any = None,
-                 state_limit_bytes: int = 1_048_576, store_path: Any = None, transaction_max_s: float = 2.0):
+                 state_limit_bytes: int = 1_048_576, store_path: Any = None, transaction_max_s: float = 2.0,
+                 encode_result: Callable[[Any], bytes] | None = None):
         self.job_id = job_id
         self.name = name
         self.tier = tier
@@ -198,7 +204,11 @@ class JobContext:
         self._progress_sent_at = 0.0
         self._store_path = store_path
         self._transaction_max_s = transaction_max_s
+        self._encode_result = encode_result
         self.last_checkpoint: Any = None
+        # Set once a transaction recorded the job's result; later checkpoints
+        # and transactions of this attempt are refused.
+        self.completed = False
 
     @classmethod
     def local(cls, name: str = "local", resume_state: Any = None) -> JobContext:
@@ -241,6 +251,9 @@ class JobContext:
         was cancelled; let both propagate. StaleAttempt means this attempt has
         lost its lease and another owns the job.
         """
+        if self.completed:
+            raise UsageError(f"job {self.job_id} already recorded its result in a transaction; a checkpoint after "
+                             "it has nothing to resume")
         text = _encode_state(state, self._state_limit_bytes)
         if self._channel is None:
             self.last_checkpoint = json.loads(text)
@@ -328,15 +341,19 @@ class JobContext:
     # -- transactions -----------------------------------------------------
 
     @contextmanager
-    def transaction(self, checkpoint: Any = None) -> Iterator[sqlite3.Connection]:
-        """Run the block in one transaction on the job store, committed with a checkpoint.
+    def transaction(self, checkpoint: Any = None, result: Any = _NO_RESULT) -> Iterator[sqlite3.Connection]:
+        """Run the block in one transaction on the job store, committed with a checkpoint or with the job's result.
 
         The block gets a sqlite3 connection for the job's own tables. At the
         end, its writes and `checkpoint` (a JSON value, or None for none)
-        commit together, fenced by the attempt number. An attempt that lost
-        its lease raises StaleAttempt and writes nothing, and an attempt
-        killed inside the block leaves nothing behind. So each committed
-        write happens once, even when the job is interrupted and resumed.
+        commit together, fenced by the attempt number. With `result`, the
+        block is the job's last step: its writes commit together with the
+        job's completion, `result` becomes the job's result, and the job
+        should return at once (its return value is not stored again). An
+        attempt that lost its lease raises StaleAttempt and writes nothing,
+        and an attempt killed inside the block leaves nothing behind. So each
+        committed write happens once, even when the job is interrupted and
+        resumed.
 
         The block is a critical section, since it holds the store's only
         write lock; past `jobs.transaction_max_s` it is rolled back with a
@@ -345,7 +362,19 @@ class JobContext:
         """
         if self._store_path is None:
             raise UsageError("ctx.transaction() needs a job running on a node with a SQLite store")
+        if self.completed:
+            raise UsageError(f"job {self.job_id} already recorded its result in a transaction; return from the job "
+                             "instead of opening another one")
+        completing = result is not _NO_RESULT
+        if completing and checkpoint is not None:
+            raise UsageError("pass checkpoint= or result= to ctx.transaction(), not both: a completed job resumes "
+                             "from no checkpoint")
+        if completing and self._encode_result is None:
+            raise UsageError("ctx.transaction(result=...) needs a job running on a node")
         text = None if checkpoint is None else _encode_state(checkpoint, self._state_limit_bytes)
+        # Encode before taking the lock, so a result that cannot be stored fails
+        # the job without holding up other writers.
+        data = self._encode_result(result) if completing else None
         with self.critical():
             db = sqlite3.connect(self._store_path, timeout=self._transaction_max_s, isolation_level=None)
             deadline = time.monotonic() + self._transaction_max_s
@@ -353,22 +382,18 @@ class JobContext:
             db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
             try:
                 db.execute("BEGIN IMMEDIATE")
-                owned = db.execute(
-                    "SELECT 1 FROM jobs WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
-                    (self.job_id, self.attempt),
-                ).fetchone()
-                if owned is None:
+                if SQLiteStore._active_state(db, self.job_id, self.attempt) is None:
                     raise StaleAttempt(f"job {self.job_id} attempt {self.attempt} lost its lease; its transaction was "
                                        "rolled back")
                 yield db
                 if time.monotonic() > deadline:
                     raise TransactionTooLong(self._transaction_max_s)
-                if text is not None:
-                    db.execute(
-                        "UPDATE jobs SET checkpoint = ?, checkpoint_attempt = ?, checkpoint_at = ?, "
-                        "checkpoints = checkpoints + 1 WHERE id = ? AND attempt = ?",
-                        (text, self.attempt, time.time(), self.job_id, self.attempt),
-                    )
+                now = time.time()
+                if completing:
+                    record_completion(db, self.job_id, self.attempt, data, now, None,
+                                      "result committed with the job's transaction")
+                elif text is not None:
+                    record_checkpoint(db, self.job_id, self.attempt, text, now)
                 db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 if db.in_transaction:
@@ -382,7 +407,10 @@ class JobContext:
                 raise
             finally:
                 db.close()
-        if text is not None:
+        if completing:
+            self.completed = True
+            notify(self._store_path, WAITER)
+        elif text is not None:
             self.last_checkpoint = checkpoint
             if self._channel is not None:
                 self._channel.checkpointed()

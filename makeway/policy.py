@@ -144,6 +144,13 @@ class JobDefaults(_Strict):
     max_retries: int = Field(default=3, ge=0, le=1000)
     retry_backoff_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    # Width of the random spread added to the first retry's delay; it doubles
+    # per failure like the delay. Seconds, not a fraction, so that jobs that
+    # failed together do not retry together (see makeway.scheduler.retry).
+    retry_jitter_s: float = Field(default=30.0, ge=0)
+    # A lost worker (killed, crashed, out of memory) requeues its job without
+    # using a retry; past this many lost workers the job fails instead.
+    max_worker_losses: int = Field(default=3, ge=0, le=1000)
     payload_limit_bytes: int = Field(default=1_048_576, ge=1)
     # Maximum time a ctx.transaction() block may keep the store's write lock.
     # A longer block is rolled back with an error. It blocks every other writer,

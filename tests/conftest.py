@@ -77,6 +77,14 @@ def worker_pids(node: NodeProcess) -> list[int]:
     return [child.pid for child in children if "resource_tracker" not in " ".join(child.cmdline())]
 
 
+def kill_node(node: NodeProcess) -> None:
+    """SIGKILL a node's supervisor and its workers at once, as a crash or an OOM kill of the machine would."""
+    processes = [psutil.Process(node.pid)] + [psutil.Process(pid) for pid in worker_pids(node)]
+    for process in processes:
+        process.kill()
+    psutil.wait_procs(processes, timeout=10)
+
+
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system

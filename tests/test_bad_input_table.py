@@ -68,6 +68,10 @@ CASES = [
      ConfigError, ["twice"]),
     ("unknown preemption mode", lambda: settings_from_mapping({"tiers": {"bulk": {"preemption": ["pray"]}}}),
      ConfigError, ["'pray'"]),
+    ("negative retry spread", lambda: settings_from_mapping({"jobs": {"retry_jitter_s": -1}}), ConfigError,
+     ["jobs.retry_jitter_s", "-1"]),
+    ("negative worker losses", lambda: settings_from_mapping({"jobs": {"max_worker_losses": -2}}), ConfigError,
+     ["jobs.max_worker_losses", "-2"]),
     ("unknown store scheme", lambda: App("mysql://localhost/jobs").store, UsageError, ["mysql://", "sqlite:///"]),
 ]
 

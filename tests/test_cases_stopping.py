@@ -404,7 +404,7 @@ def wait_for_new_attempt(app, handle, previous_attempt: int) -> bool:
 
 
 def test_final_states_tell_stops_from_failures(app, start_node, tmp_path):
-    start_node("[node]\nslots = 2\npoll_interval_s = 0.05\n")
+    start_node("[node]\nslots = 2\npoll_interval_s = 0.05\n\n[jobs]\nmax_worker_losses = 0\n")
     j1 = basic.long_sleep.submit(60)
     j3 = basic.sleep_past_timeout.submit(30)
     wait_until(lambda: j1.status() is JobState.RUNNING and j3.status() is JobState.RUNNING, message="j1, j3 running")

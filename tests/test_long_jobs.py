@@ -324,7 +324,7 @@ def test_transaction_writes_each_row_once_despite_kills(app, start_node):
 
     from tests.apps.basic import ledger
 
-    start_node("[node]\nslots = 1\n\n[jobs]\nretry_backoff_s = 0.05\n")
+    start_node("[node]\nslots = 1\n\n[jobs]\nretry_backoff_s = 0.05\nretry_jitter_s = 0.05\n")
     total = 300
     handle = ledger.submit(total, 0.01)
     for _ in range(5):
@@ -384,3 +384,57 @@ def test_transaction_of_stale_attempt_writes_nothing(app):
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "written" not in tables
     assert app.store.get(handle.id).checkpoint is None
+
+
+def test_transaction_with_result_completes_once_even_when_killed_after(app, start_node):
+    import os
+    import signal
+    import sqlite3
+
+    from tests.apps.basic import finish_in_transaction
+
+    start_node("[jobs]\nretry_backoff_s = 0.05\nretry_jitter_s = 0.05\n")
+    marker = app.store.path.parent / "committed"
+    lingering = finish_in_transaction.submit(str(marker), 60)
+    wait_until(marker.exists, message="final transaction committed")
+    # The job succeeded with its commit; killing the worker before the
+    # function returns must neither run it again nor change its result.
+    assert lingering.status() is JobState.SUCCEEDED
+    os.kill(app.store.get(lingering.id).worker_pid, signal.SIGKILL)
+    marker.unlink()
+    quick = finish_in_transaction.submit(str(marker), 0)
+
+    assert quick.result(timeout=30) == {"rows": 1}
+    assert lingering.result(timeout=5) == {"rows": 1}
+    time.sleep(1.0)
+    record = app.store.get(lingering.id)
+    assert (record.state, record.attempt) == (JobState.SUCCEEDED, 1)
+    completed = [event for event in app.store.events(lingering.id) if event.to_state == "succeeded"]
+    assert [event.detail for event in completed] == ["result committed with the job's transaction"]
+    assert "worker_lost" not in reasons(app, lingering.id)
+    with sqlite3.connect(app.store.path) as db:
+        rows = db.execute("SELECT job_id, attempt FROM final_ledger ORDER BY job_id").fetchall()
+    assert sorted(rows) == sorted([(lingering.id, 1), (quick.id, 1)])
+
+
+def test_transaction_result_and_checkpoint_are_exclusive(app):
+    from makeway import JobContext
+    from makeway.errors import UsageError
+    from tests.apps.basic import ledger
+
+    handle = ledger.submit(10, 0.0)
+    app.store.claim(handle.id, "node-a", 1, time.time() + 30, time.time())
+    ctx = JobContext(job_id=handle.id, name="ledger", tier="bulk", attempt=1, metadata={}, flags=None,
+                     store_path=app.store.path, encode_result=lambda value: repr(value).encode())
+
+    with pytest.raises(UsageError, match="not both"):
+        with ctx.transaction(checkpoint={"next": 1}, result=1):
+            pass
+    with ctx.transaction(result=None):
+        pass
+    assert app.store.get(handle.id).state is JobState.SUCCEEDED
+    with pytest.raises(UsageError, match="already recorded"):
+        with ctx.transaction():
+            pass
+    with pytest.raises(UsageError, match="already recorded"):
+        ctx.checkpoint({"next": 2})

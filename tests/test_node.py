@@ -317,7 +317,7 @@ def test_failed_job_listed_and_retried(app, start_node, store_url, tmp_path):
 
     from makeway.cli import cli
 
-    start_node("[jobs]\nretry_backoff_s = 0.05\n")
+    start_node("[jobs]\nretry_backoff_s = 0.05\nretry_jitter_s = 0.05\n")
     marker = tmp_path / "fixed"
     handle = basic.fail_until_marker.submit(str(marker))
     with pytest.raises(JobFailed):
@@ -397,9 +397,10 @@ def test_node_rebinds_removed_wakeup_socket(app, start_node, tmp_path):
     handle = basic.add.submit(2, 3)
 
     assert handle.result(timeout=10) == 5
-    claimed = next(e.at for e in app.store.events(handle.id) if e.reason == "claimed")
+    claimed = next(e for e in app.store.events(handle.id) if e.reason == "claimed")
     # Woken by the datagram, well before the next 2 s poll.
-    assert claimed - app.store.get(handle.id).submitted_at < 0.5
+    assert claimed.at - app.store.get(handle.id).submitted_at < 0.5
+    assert "woken_by=notify" in claimed.detail
     assert "was removed; binding a new one" in node_log(tmp_path)
 
 

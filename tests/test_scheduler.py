@@ -9,7 +9,7 @@ import pytest
 from makeway.policy import DEFAULT_TIERS, PolicyConfig, TierConfig
 from makeway.scheduler.dispatch import effective_priority, rank_candidates, rank_fifo
 from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspensions
-from makeway.scheduler.retry import retry_delay_s
+from makeway.scheduler.retry import minimum_retry_delay_s, retry_delay_s
 from makeway.scheduler.slicing import MAX_WAIT, TIME_SLICE, SlotHolder, plan_handoffs
 from makeway.store import Candidate
 
@@ -384,52 +384,48 @@ def test_min_share_zero_never_bursts():
 # -- retry_delay_s --------------------------------------------------------
 
 
-def test_retry_delay_first_within_bounds():
-    delays = [retry_delay_s(1, 2.0, 300.0, random.Random(seed)) for seed in range(200)]
+def test_retry_delay_first_within_minimum_and_spread():
+    delays = [retry_delay_s(1, 2.0, 300.0, 5.0, random.Random(seed)) for seed in range(200)]
 
-    assert min(delays) >= 1.0
-    assert max(delays) < 2.0
+    assert min(delays) >= 2.0
+    assert max(delays) < 7.0
+    assert max(delays) - min(delays) > 4.0
 
 
-def test_retry_delay_doubles():
+def test_retry_delay_minimum_and_spread_double():
     for failures in range(1, 8):
-        current = retry_delay_s(failures, 1.0, 1e9, random.Random(42))
-        following = retry_delay_s(failures + 1, 1.0, 1e9, random.Random(42))
+        current = retry_delay_s(failures, 1.0, 1e9, 3.0, random.Random(42))
+        following = retry_delay_s(failures + 1, 1.0, 1e9, 3.0, random.Random(42))
         assert following == pytest.approx(2 * current), f"failures={failures}"
 
 
 def test_retry_delay_capped():
-    delays = [retry_delay_s(50, 1.0, 300.0, random.Random(seed)) for seed in range(200)]
+    delays = [retry_delay_s(50, 1.0, 300.0, 30.0, random.Random(seed)) for seed in range(200)]
 
-    assert max(delays) < 300.0
-    assert min(delays) >= 150.0
+    assert min(delays) >= 300.0
+    assert max(delays) < 600.0
 
 
 def test_retry_delay_huge_failures_capped():
-    assert retry_delay_s(10**6, 1.0, 300.0, random.Random(1)) < 300.0
+    assert retry_delay_s(10**6, 1.0, 300.0, 30.0, random.Random(1)) < 600.0
 
 
-def test_retry_delay_jitter_range():
-    rng = random.Random(7)
-    factors = [retry_delay_s(4, 1.0, 1e9, rng) / 8.0 for _ in range(1000)]
-
-    assert min(factors) >= 0.5
-    assert max(factors) < 1.0
-    assert max(factors) - min(factors) > 0.4
+def test_retry_delay_without_jitter_is_the_minimum():
+    assert retry_delay_s(4, 1.0, 300.0, 0.0, random.Random(3)) == minimum_retry_delay_s(4, 1.0, 300.0) == 8.0
 
 
 def test_retry_delay_seeded_repeatable():
-    first = [retry_delay_s(3, 1.0, 300.0, random.Random(5)) for _ in range(3)]
+    first = [retry_delay_s(3, 1.0, 300.0, 30.0, random.Random(5)) for _ in range(3)]
 
     assert len(set(first)) == 1
 
 
 def test_retry_delay_zero_failures_like_first():
-    assert retry_delay_s(0, 1.0, 300.0, random.Random(3)) == retry_delay_s(1, 1.0, 300.0, random.Random(3))
+    assert retry_delay_s(0, 1.0, 300.0, 30.0, random.Random(3)) == retry_delay_s(1, 1.0, 300.0, 30.0, random.Random(3))
 
 
-def test_retry_delay_zero_base():
-    assert retry_delay_s(5, 0.0, 300.0, random.Random(3)) == 0.0
+def test_retry_delay_zero_backoff_and_jitter():
+    assert retry_delay_s(5, 0.0, 300.0, 0.0, random.Random(3)) == 0.0
 
 
 # -- plan_handoffs (time slicing) -----------------------------------------

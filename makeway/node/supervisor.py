@@ -27,6 +27,7 @@ from typing import Sequence
 
 from makeway.app import App
 from makeway.errors import RuntimeFault
+from makeway.node.leases import LeaseRenewer
 from makeway.node.pool import Assignment, Reclaim, WorkerHandle
 from makeway.node.reclaim import ReclaimSteps
 from makeway.node.worker import ERROR, INTERRUPTED, INVALID, OK, STALE, YIELDED
@@ -94,6 +95,9 @@ class Supervisor(ReclaimSteps):
         self._paused_jobs: set[str] = set()
         self._listener: Listener | None = None
         self._signal_reader, self._signal_writer = socket.socketpair()
+        self._renewer: LeaseRenewer | None = None
+        self._woken_by = "poll"
+        self._store_missing_logged = False
 
     # -- life cycle -------------------------------------------------------
 
@@ -107,6 +111,7 @@ class Supervisor(ReclaimSteps):
                 logger.warning("Requeued %d job(s) whose lease expired while no node held them: %s", len(requeued), requeued)
             if self.store_path is not None:
                 self._listener = Listener(self.store_path, NODE)
+            self._renewer = self._start_renewer()
             logger.info(
                 "Node ready node=%s slots=%d interactive_workers=%d background_workers=%d scheduling=%s suspend=%s",
                 self.node_id, self.slots, self._pool_size(INTERACTIVE_POOL), self._pool_size(BACKGROUND_POOL),
@@ -122,6 +127,33 @@ class Supervisor(ReclaimSteps):
         signal.set_wakeup_fd(self._signal_writer.fileno())
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_stop_signal)
+
+    def _held_leases(self) -> list[tuple[str, int, float]]:
+        """Return (job id, attempt, claim time) of every job this node runs; called from the lease renewal thread."""
+        held = []
+        for worker in list(self.workers):
+            job = worker.assignment
+            if job is not None and not worker.dead:
+                held.append((job.job_id, job.attempt, job.started_at))
+        return held
+
+    def _kill_expiring(self, pairs: list[tuple[str, int]]) -> None:
+        """Kill the workers of jobs whose lease is about to end unrenewed; called from the lease renewal thread.
+
+        Only signals are sent here; the loop clears the assignments when it
+        takes the pairs from the renewer.
+        """
+        for worker in list(self.workers):
+            job = worker.assignment
+            if job is not None and (job.job_id, job.attempt) in pairs:
+                worker.kill()
+
+    def _wake(self) -> None:
+        """Wake the loop from another thread."""
+        try:
+            self._signal_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full buffer already wakes the loop; a closed one means it stopped
 
     def _on_stop_signal(self, signum: int, frame) -> None:
         if self._stopping:
@@ -203,6 +235,8 @@ class Supervisor(ReclaimSteps):
             worker.stop_when_idle()
         for worker in self.workers:
             worker.join(2.0)
+        if self._renewer is not None:
+            self._renewer.stop()
         if self._listener is not None:
             self._listener.close()
         signal.set_wakeup_fd(-1)
@@ -244,6 +278,7 @@ class Supervisor(ReclaimSteps):
                 self._controls_due = True
             self._dispatch_due = True
         self._read_messages(ready)
+        self._stop_lost_leases()
         self._reap_dead_workers(replace=True)
         if self._stopping:
             return
@@ -253,7 +288,15 @@ class Supervisor(ReclaimSteps):
             self._check_controls()
         if now >= self._next_poll_at:
             self._check_listener()
+            self._check_store_file()
         if self._dispatch_due or now >= self._next_poll_at:
+            if self._listener is not None and self._listener in ready:
+                self._woken_by = "notify"
+            elif self._dispatch_due:
+                self._woken_by = "node"  # a job ended, a worker came back, a control changed
+            else:
+                self._woken_by = "poll"
+            self.metrics.dispatch_wakeups.labels(self._woken_by).inc()
             self._dispatch()
             self._next_poll_at = time.monotonic() + self.settings.node.poll_interval_s
         self._preempt()
@@ -276,6 +319,38 @@ class Supervisor(ReclaimSteps):
         self._listener.close()
         self._listener = Listener(self.store_path, NODE)
         self._dispatch_due = True
+
+    def _check_store_file(self) -> None:
+        """Reopen the store if its file was deleted and created again.
+
+        This node's connection would otherwise keep reading the deleted file,
+        and jobs submitted to the new one would never start. Attempts still
+        running belong to the old file; their outcomes are dropped as stale.
+        """
+        replaced = getattr(self.store, "replaced", None)
+        if replaced is None or not replaced():
+            return
+        if not self.store.path.exists():
+            if not self._store_missing_logged:
+                logger.error("Store file %s was removed; waiting for it to be created again", self.store.path)
+                self._store_missing_logged = True
+            return
+        self._store_missing_logged = False
+        logger.warning("Store file %s was replaced by a new file; reopening it", self.store.path)
+        old = self.store
+        self.store = open_store(self.app.store_url, for_node=True)
+        old.close()
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = self._start_renewer()
+        self._controls_due = True
+        self._dispatch_due = True
+
+    def _start_renewer(self) -> LeaseRenewer:
+        renewer = LeaseRenewer(self.app.store_url, self.settings.node.lease_s, self.settings.node.heartbeat_s,
+                               self._held_leases, on_lost=self._wake, on_expiring=self._kill_expiring)
+        renewer.start()
+        return renewer
 
     def _drain_signals(self, ready: Sequence) -> None:
         if self._signal_reader in ready:
@@ -442,7 +517,7 @@ class Supervisor(ReclaimSteps):
         record = self.store.get(job_id)
         failures = (record.failures if record else 0) + 1
         jobs = self.settings.jobs
-        return retry_delay_s(failures, jobs.retry_backoff_s, jobs.retry_backoff_max_s)
+        return retry_delay_s(failures, jobs.retry_backoff_s, jobs.retry_backoff_max_s, jobs.retry_jitter_s)
 
     def _mark_dead(self, worker: WorkerHandle) -> None:
         if not worker.dead:
@@ -493,9 +568,9 @@ class Supervisor(ReclaimSteps):
         now = time.time()
         error = f"worker pid={worker.pid} exited with code {worker.process.exitcode} while running the job"
         usage = job.usage()
-        outcome = self.store.fail(job.job_id, job.attempt, error, None, "worker_lost", now, self.node_id, now,
-                                  usage=usage)
-        next_step = "queued again" if outcome.state is JobState.QUEUED else "failed: no retries left"
+        outcome = self.store.lose_worker(job.job_id, job.attempt, error, self.node_id, now,
+                                         self.settings.jobs.max_worker_losses, usage=usage)
+        next_step = "queued again" if outcome.state is JobState.QUEUED else "failed: it lost too many workers"
         logger.warning("Lost worker pid=%d running job=%s tier=%s attempt=%d (exit code %s); the job is %s",
                        worker.pid, job.job_id, job.tier, job.attempt, worker.process.exitcode, next_step)
         if outcome.state is JobState.FAILED and self.store_path is not None:
@@ -556,7 +631,8 @@ class Supervisor(ReclaimSteps):
         """Claim `candidate` and start it on `worker`: True if started, False if claimed but cancelled, None if
         another node was first."""
         wall_now = time.time()
-        claim = self.store.claim(candidate.id, self.node_id, worker.pid, wall_now + self.settings.node.lease_s, wall_now)
+        claim = self.store.claim(candidate.id, self.node_id, worker.pid, wall_now + self.settings.node.lease_s, wall_now,
+                                 woken_by=self._woken_by)
         if claim is None:
             return None
         if claim.deadline is not None and claim.deadline <= time.time():
@@ -704,25 +780,34 @@ class Supervisor(ReclaimSteps):
     # -- leases -----------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        """Renew this node's leases, stop jobs whose lease was lost, and recover expired ones."""
-        held = [(w.assignment.job_id, w.assignment.attempt) for w in self.workers if w.assignment and not w.dead]
+        """Read the workers' CPU time, queue expired jobs again, and cancel or purge what is due.
+
+        Leases are renewed by the lease renewal thread, not here.
+        """
         for worker in self.workers:
             if worker.assignment is not None and not worker.dead:
                 worker.read_cpu()
-        lost = set(self.store.renew_leases(held, time.time() + self.settings.node.lease_s))
-        for worker in self.workers:
-            job = worker.assignment
-            if job is not None and (job.job_id, job.attempt) in lost:
-                logger.warning("Lost the lease of job=%s attempt=%d; killing worker pid=%d so the newer attempt runs alone",
-                               job.job_id, job.attempt, worker.pid)
-                worker.assignment = None
-                worker.kill()
         requeued = self.store.requeue_expired(time.time(), self.node_id)
         if requeued:
             logger.warning("Requeued %d job(s) whose lease expired: %s", len(requeued), requeued)
             self._dispatch_due = True
         self._cancel_overdue()
         self._purge_expired()
+
+    def _stop_lost_leases(self) -> None:
+        """Kill the workers of jobs whose lease the renewal thread found lost, so a newer attempt runs alone."""
+        if self._renewer is None:
+            return
+        lost = set(self._renewer.take_lost())
+        if not lost:
+            return
+        for worker in self.workers:
+            job = worker.assignment
+            if job is not None and (job.job_id, job.attempt) in lost:
+                logger.warning("Lost the lease of job=%s attempt=%d; stopped worker pid=%d so that no other attempt "
+                               "runs at the same time", job.job_id, job.attempt, worker.pid)
+                worker.assignment = None
+                worker.kill()
 
     def _purge_expired(self) -> None:
         """Delete jobs past jobs.retention_s, at most once per PURGE_INTERVAL_S."""

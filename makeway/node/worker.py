@@ -255,6 +255,8 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
             job_id=job_id, name=name, tier=tier, attempt=attempt, metadata=metadata, flags=flags, channel=channel,
             resume_state=resume_state, state_limit_bytes=app.settings.jobs.payload_limit_bytes,
             store_path=app.store_path, transaction_max_s=app.settings.jobs.transaction_max_s,
+            encode_result=lambda value: encode(value, serializer, what=f"result of {name}",
+                                               limit_bytes=app.settings.jobs.payload_limit_bytes),
         )}
     _JobState.interruptible = True
     try:

@@ -28,6 +28,10 @@ class NodeMetrics:
             "makeway_jobs_finished", "Attempts that ended, by tier and outcome", ["tier", "outcome"], registry=self.registry
         )
         self.workers_lost = Counter("makeway_workers_lost", "Worker processes that died", ["pool"], registry=self.registry)
+        self.dispatch_wakeups = Counter(
+            "makeway_dispatch_wakeups", "Dispatch rounds, by what woke them: notify (a wake-up datagram), poll (the "
+            "fallback timer) or node (an event inside the node)", ["path"], registry=self.registry,
+        )
         self.attempts = Counter("makeway_attempts", "Attempts started, by tier", ["tier"], registry=self.registry)
         self.checkpoints = Counter("makeway_checkpoints", "Checkpoints stored, by tier", ["tier"], registry=self.registry)
         self.cancellations = Counter(

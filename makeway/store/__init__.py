@@ -54,12 +54,14 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix):]).resolve()
 
 
-def open_store(url: str, *, for_node: bool = False, create: bool = True) -> Store:
+def open_store(url: str, *, for_node: bool = False, create: bool = True,
+               busy_timeout_s: float | None = None) -> Store:
     """Open (and migrate) the store at `url`, logging where it is.
 
     A node's store keeps housekeeping off its dispatch path: for SQLite,
     WAL checkpoints run in a background thread every 0.5 s. With
     `create=False` a missing SQLite file is an error instead of a new store.
+    `busy_timeout_s` bounds how long a write waits for another writer.
     """
     if url.startswith("sqlite:"):
         from makeway.store.sqlite import SQLiteStore
@@ -69,7 +71,8 @@ def open_store(url: str, *, for_node: bool = False, create: bool = True) -> Stor
                 f"store {url!r} does not exist; check the path (a mistyped one would look like an empty queue), "
                 "or start a node or submit a job to create it"
             )
-        store = SQLiteStore(sqlite_path(url), checkpoint_interval_s=0.5 if for_node else None)
+        options = {} if busy_timeout_s is None else {"busy_timeout_s": busy_timeout_s}
+        store = SQLiteStore(sqlite_path(url), checkpoint_interval_s=0.5 if for_node else None, **options)
         if for_node:
             # A node refuses a damaged file rather than run jobs from it.
             try:

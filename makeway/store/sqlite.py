@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -188,6 +189,32 @@ class _Checkpointer:
         self._db.close()
 
 
+def record_completion(db: sqlite3.Connection, job_id: str, attempt: int, result: bytes, now: float,
+                      node_id: str | None, detail: str | None = None) -> bool:
+    """In `db`'s open transaction, mark the job succeeded with `result`; False if `attempt` is not active."""
+    from_state = SQLiteStore._active_state(db, job_id, attempt)
+    if from_state is None:
+        return False
+    db.execute(
+        "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?, "
+        "lease_expires_at = NULL WHERE id = ?",
+        (result, now, now, job_id),
+    )
+    SQLiteStore._event(db, job_id, now, from_state, JobState.SUCCEEDED.value, "completed", node_id, attempt, detail)
+    return True
+
+
+def record_checkpoint(db: sqlite3.Connection, job_id: str, attempt: int, state: str, now: float) -> bool:
+    """In `db`'s open transaction, store a checkpoint (JSON text); False if `attempt` is not active."""
+    cursor = db.execute(
+        "UPDATE jobs SET checkpoint = ?, checkpoint_attempt = ?, checkpoint_at = ?, "
+        "checkpoints = checkpoints + 1, updated_at = ? "
+        "WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
+        (state, attempt, now, now, job_id, attempt),
+    )
+    return cursor.rowcount > 0
+
+
 class SQLiteStore:
     """Store on one SQLite file; safe for many processes on one machine."""
 
@@ -215,6 +242,8 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._migrate()
+            stat = os.stat(path)
+            self.file_id = (stat.st_dev, stat.st_ino)
             self._checkpointer = None
             if checkpoint_interval_s is None:
                 self._db.execute(f"PRAGMA wal_autocheckpoint={CLIENT_AUTOCHECKPOINT_PAGES}")
@@ -303,6 +332,18 @@ class SQLiteStore:
             self._checkpointer.stop()
         with self._lock:
             self._db.close()
+
+    def replaced(self) -> bool:
+        """Return whether the file at this store's path is gone or is another file than the one it opened.
+
+        A store deleted and created again (to reset it, say) is a new file.
+        A connection to the old one would never see a job submitted to it.
+        """
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (stat.st_dev, stat.st_ino) != self.file_id
 
     def check(self, full: bool = False) -> None:
         """Run SQLite's quick_check (or, with `full`, integrity_check); raise StoreError naming the file on damage."""
@@ -531,8 +572,13 @@ class SQLiteStore:
         merged = {row[0]: Candidate(*row) for row in best + oldest}
         return list(merged.values())
 
-    def claim(self, job_id: str, node_id: str, worker_pid: int, lease_expires_at: float, now: float) -> Claim | None:
-        """Take a lease on a queued job and raise its attempt; None if another node was first."""
+    def claim(self, job_id: str, node_id: str, worker_pid: int, lease_expires_at: float, now: float,
+              woken_by: str | None = None) -> Claim | None:
+        """Take a lease on a queued job and raise its attempt; None if another node was first.
+
+        `woken_by` names what woke the dispatch that claims it (a wake-up
+        datagram or the poll), for the claim event.
+        """
         with self._write() as db:
             cursor = db.execute(
                 "UPDATE jobs SET state = 'running', attempt = attempt + 1, node_id = ?, worker_pid = ?, "
@@ -547,8 +593,9 @@ class SQLiteStore:
                 "deadline, checkpoint FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
+            detail = f"worker_pid={worker_pid}" + (f" woken_by={woken_by}" if woken_by else "")
             self._event(db, job_id, now, JobState.QUEUED.value, JobState.RUNNING.value, "claimed", node_id, row[4],
-                        f"worker_pid={worker_pid}")
+                        detail)
         return Claim(*row[:8], metadata=json.loads(row[8]), started_at=now, timeout_s=row[9], deadline=row[10],
                      checkpoint=row[11])
 
@@ -556,17 +603,16 @@ class SQLiteStore:
                  usage: Usage | None = None) -> bool:
         """Record success; False (nothing written) if `attempt` is stale."""
         with self._write() as db:
-            from_state = self._active_state(db, job_id, attempt)
-            if from_state is None:
-                return False
-            db.execute(
-                "UPDATE jobs SET state = 'succeeded', result = ?, finished_at = ?, updated_at = ?, "
-                "lease_expires_at = NULL WHERE id = ?",
-                (result, now, now, job_id),
-            )
-            self._add_usage(db, job_id, usage)
-            self._event(db, job_id, now, from_state, JobState.SUCCEEDED.value, "completed", node_id, attempt)
-            return True
+            if record_completion(db, job_id, attempt, result, now, node_id):
+                self._add_usage(db, job_id, usage)
+                return True
+            # The job's own transaction may have recorded this attempt's
+            # completion already; the attempt is then not stale.
+            row = db.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row[0] == JobState.SUCCEEDED.value and row[1] == attempt:
+                self._add_usage(db, job_id, usage)
+                return True
+            return False
 
     def fail(
         self, job_id: str, attempt: int, error: str, traceback: str | None, reason: str,
@@ -631,17 +677,57 @@ class SQLiteStore:
             self._event(db, job_id, now, from_state, JobState.QUEUED.value, reason, node_id, attempt, detail)
             return True
 
+    def lose_worker(self, job_id: str, attempt: int, error: str, node_id: str, now: float, max_losses: int,
+                    usage: Usage | None = None) -> Outcome:
+        """Record that the worker running `attempt` died, and queue the job again without counting a failure.
+
+        A lost worker is an interrupted attempt, not a failed one, so it uses
+        none of the job's retries. A job that takes its worker down every
+        time (it crashes the interpreter or runs out of memory) would loop
+        forever, though, so past `max_losses` lost workers since its last
+        checkpoint it fails.
+        """
+        with self._write() as db:
+            from_state = self._active_state(db, job_id, attempt)
+            if from_state is None:
+                current = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                return Outcome(JobState(current[0]) if current else JobState.FAILED, applied=False)
+            error = _cap(error, ERROR_TEXT_LIMIT)
+            self._add_usage(db, job_id, usage)
+            db.execute(
+                "INSERT INTO attempt_errors (job_id, attempt, at, reason, error, traceback) "
+                "VALUES (?, ?, ?, 'worker_lost', ?, NULL)",
+                (job_id, attempt, now, error),
+            )
+            # Only losses since the job's last checkpoint count: a job that
+            # makes progress between them is not what kills its workers.
+            losses = db.execute(
+                "SELECT COUNT(*) FROM attempt_errors WHERE job_id = ? AND reason = 'worker_lost' "
+                "AND at > COALESCE((SELECT checkpoint_at FROM jobs WHERE id = ?), 0)", (job_id, job_id),
+            ).fetchone()[0]
+            if losses <= max_losses:
+                db.execute(
+                    f"UPDATE jobs SET state = 'queued', {_RELEASE}, queued_at = ?, updated_at = ? WHERE id = ?",
+                    (now, now, job_id),
+                )
+                self._event(db, job_id, now, from_state, JobState.QUEUED.value, "worker_lost", node_id, attempt,
+                            f"lost worker {losses} of at most {max_losses} since the last checkpoint: {error}")
+                return Outcome(JobState.QUEUED, applied=True)
+            message = (f"{error}; the job lost its worker {losses} times since its last checkpoint "
+                       f"(jobs.max_worker_losses = {max_losses}), so it probably crashes or exhausts memory itself")
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, traceback = NULL, finished_at = ?, "
+                "lease_expires_at = NULL, updated_at = ? WHERE id = ?",
+                (message, now, now, job_id),
+            )
+            self._event(db, job_id, now, from_state, JobState.FAILED.value, "worker_lost", node_id, attempt, message)
+            return Outcome(JobState.FAILED, applied=True)
+
     def save_checkpoint(self, job_id: str, attempt: int, state: str, now: float,
                         progress: tuple[float, float | None, str | None] | None = None) -> bool:
         """Store a job's checkpoint (JSON text), with its progress in the same write; False if `attempt` is stale."""
         with self._write() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET checkpoint = ?, checkpoint_attempt = ?, checkpoint_at = ?, "
-                "checkpoints = checkpoints + 1, updated_at = ? "
-                "WHERE id = ? AND attempt = ? AND state IN ('running', 'suspended')",
-                (state, attempt, now, now, job_id, attempt),
-            )
-            if cursor.rowcount == 0:
+            if not record_checkpoint(db, job_id, attempt, state, now):
                 return False
             if progress is not None:
                 db.execute(

@@ -319,3 +319,126 @@ def long_transaction(seconds, ctx):
         db.execute("INSERT INTO slow VALUES (1)")
         time.sleep(seconds)
     return "committed"
+
+
+@app.job(tier="bulk", max_retries=5)
+def call_dependency(down_until):
+    """Stand for a call to a dependency that fails every call until the wall-clock time `down_until`."""
+    if time.time() < down_until:
+        raise ConnectionError("dependency unavailable")
+    return "served"
+
+
+@app.job(tier="bulk", max_retries=5)
+def finish_in_transaction(marker, linger_s, ctx):
+    """Commit a ledger row with the job's result, then linger past a marker file so a test can kill the worker."""
+    with ctx.transaction(result={"rows": 1}) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS final_ledger (job_id TEXT, attempt INTEGER)")
+        db.execute("INSERT INTO final_ledger VALUES (?, ?)", (ctx.job_id, ctx.attempt))
+    Path(marker).write_text("committed")
+    time.sleep(linger_s)
+    return {"rows": "not stored again"}
+
+
+@app.job(tier="bulk", max_retries=0)
+def record_run(ledger_path, seconds, ctx):
+    """Sleep, then insert (job id, attempt, pid) into a ledger outside the store, and record when it ran."""
+    import sqlite3
+
+    started = time.time()
+    time.sleep(seconds)
+    with sqlite3.connect(ledger_path, timeout=30) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS runs (job_id TEXT, attempt INTEGER, pid INTEGER, started REAL, "
+                   "ended REAL)")
+        db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", (ctx.job_id, ctx.attempt, os.getpid(), started,
+                                                                time.time()))
+    return ctx.attempt
+
+
+@app.job(tier="bulk", max_retries=0)
+def sleep_then_commit(seconds, ctx):
+    """Sleep, then insert the job id into a table of the store with the job's result, in one transaction."""
+    time.sleep(seconds)
+    with ctx.transaction(result=ctx.job_id) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS effects (job_id TEXT, attempt INTEGER)")
+        db.execute("INSERT INTO effects VALUES (?, ?)", (ctx.job_id, ctx.attempt))
+    return ctx.job_id
+
+
+@app.job(tier="bulk", max_retries=0)
+async def async_sleep(seconds):
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+@app.job(tier="bulk", max_retries=0)
+def gil_for(seconds):
+    """Call C code that holds the GIL for about 0.1 s at a time, for `seconds`."""
+    end = time.monotonic() + seconds
+    calls = 0
+    while time.monotonic() < end:
+        sum(range(3_000_000))
+        calls += 1
+    return seconds
+
+
+@app.job(tier="bulk", max_retries=0)
+def blocking_read(seconds):
+    """Block in one recv() on a socket nobody writes to, for `seconds`."""
+    import socket
+
+    left, right = socket.socketpair()
+    with left, right:
+        left.settimeout(seconds)
+        try:
+            left.recv(1)
+        except TimeoutError:
+            pass
+    return seconds
+
+
+def _locked_write(db_path, lock_path, row, hold_s):
+    """Write `row` to a shared SQLite file holding its transaction `hold_s`, then hold a file lock `hold_s`."""
+    import fcntl
+    import sqlite3
+
+    db = sqlite3.connect(db_path, timeout=1.0, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO shared (who, n) VALUES (?, ?)", row)
+        time.sleep(hold_s)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        time.sleep(hold_s)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@app.job(tier="bulk", max_retries=0)
+def shared_writer(db_path, lock_path, iterations, hold_s, ctx):
+    """Background writer: every lock it takes is inside a critical section, so it is never stopped holding one."""
+    for n in range(iterations):
+        with ctx.critical():
+            _locked_write(db_path, lock_path, ("background", n), hold_s)
+    return iterations
+
+
+@app.job(tier="interactive", max_retries=0)
+def shared_interactive_write(db_path, lock_path, n):
+    """Interactive writer on the same file and lock; its busy timeout is 1 s."""
+    started = time.monotonic()
+    _locked_write(db_path, lock_path, ("interactive", n), 0.0)
+    return time.monotonic() - started
+
+
+@app.job(tier="bulk", max_retries=5)
+def exhaust_memory(cgroup_dir, marker):
+    """Join a memory cgroup, then allocate until the kernel's OOM killer ends this process."""
+    Path(cgroup_dir, "cgroup.procs").write_text(str(os.getpid()))
+    Path(marker).write_text(str(time.time()))
+    hoard = []
+    while True:
+        # Touch every page, so the memory is charged and not just reserved.
+        hoard.append(bytearray(b"x" * (8 << 20)))
