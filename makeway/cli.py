@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any, List, Optional
 
 import typer
@@ -23,11 +24,34 @@ STORE_HELP = "Store URL, e.g. sqlite:///makeway.db. Default: $MAKEWAY_STORE, the
 CONFIG_HELP = "Path of the config file. Default: $MAKEWAY_CONFIG, then ./makeway.toml if it exists."
 
 
-def _configure_logging(level: str) -> int:
+class JsonLogFormatter(logging.Formatter):
+    """Format each record as one JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, log_format: str = "text") -> int:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise UsageError(f"log level {level!r} is invalid; use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format not in ("text", "json"):
+        raise UsageError(f"log format {log_format!r} is invalid; use text or json")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler])
     return numeric
 
 
@@ -83,13 +107,17 @@ def node(
     suspend: Optional[str] = typer.Option(None, "--suspend", help="Override policy.suspend: all, as-needed or off."),
     scheduling: Optional[str] = typer.Option(None, "--scheduling", help="Override policy.scheduling: tiers or fifo."),
     slots: Optional[int] = typer.Option(None, "--slots", help="Override node.slots (default: CPU cores)."),
+    http: Optional[str] = typer.Option(
+        None, "--http", help="Serve /metrics and the JSON API on HOST:PORT (overrides http.listen), for example "
+                             "127.0.0.1:8377."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    log_format: str = typer.Option("text", "--log-format", help="text, or json for one JSON object per line."),
 ) -> None:
     """Start a node: a supervisor with warm worker processes, until SIGINT or SIGTERM."""
     from makeway.node.supervisor import Supervisor
     from makeway.policy import settings_from_mapping
 
-    level = _configure_logging(log_level)
+    level = _configure_logging(log_level, log_format)
     if config is not None:
         # Workers import the app afresh; the variable makes them read the same file.
         os.environ["MAKEWAY_CONFIG"] = os.path.abspath(config)
@@ -101,6 +129,8 @@ def node(
         raw["policy"]["scheduling"] = scheduling
     if slots is not None:
         raw["node"]["slots"] = slots
+    if http is not None:
+        raw["http"]["listen"] = http
     settings = settings_from_mapping(raw, source="command-line options")
     Supervisor(application, app, settings=settings, log_level=level).run()
 
@@ -424,6 +454,80 @@ def resume(
 ) -> None:
     """Lift a pause set by `makeway pause`."""
     _set_paused(target, False, store, config)
+
+
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_since(text: str) -> float:
+    """Return the epoch time `text` ago ("90s", "5m", "2h", "1d") or at `text` (ISO 8601 with a time zone)."""
+    number, unit = text[:-1], text[-1:]
+    if unit in _SINCE_UNITS:
+        try:
+            return time.time() - float(number) * _SINCE_UNITS[unit]
+        except ValueError:
+            pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise UsageError(f"--since {text!r} is invalid; pass a duration such as 90s, 5m, 2h or 1d, or an ISO 8601 "
+                         "time with a time zone such as 2026-12-05T10:00:00+00:00")
+    return moment.timestamp()
+
+
+def _event_line(event) -> str:
+    moment = datetime.fromtimestamp(event.at).strftime("%H:%M:%S.%f")[:-3]
+    change = f"{event.from_state or '-'} -> {event.to_state}"
+    text = f"{moment}  {event.job_id}  #{event.attempt}  {change:<24} {event.reason}"
+    if event.detail:
+        text += f": {event.detail}"
+    return text
+
+
+@cli.command()
+def events(
+    job: Optional[str] = typer.Option(None, "--job", help="Only events of this job id."),
+    tier: Optional[str] = typer.Option(None, "--tier", help="Only events of jobs of this tier."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only events after this: 90s, 5m, 2h, 1d, or an ISO "
+                                                              "8601 time with a time zone."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until Ctrl-C."),
+    limit: int = typer.Option(200, "--limit", help="Events to print at most (before --follow)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event and line."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Print the store's event log: every state change and scheduler decision, with its reason."""
+    if limit < 1:
+        raise UsageError(f"--limit {limit} is invalid; pass a number of events >= 1")
+    if tier is not None:
+        from makeway.policy import load_settings
+
+        settings, _ = load_settings(config)
+        settings.tier(tier)
+    since_at = _parse_since(since) if since is not None else None
+    job_store = _open_store(store, config)
+
+    def emit(batch) -> None:
+        for event in batch:
+            print(json.dumps(event.__dict__) if as_json else _event_line(event), flush=True)
+
+    batch = job_store.query_events(job_id=job, tier=tier, since=since_at, limit=limit)
+    emit(batch)
+    last_id = batch[-1].id if batch else None
+    if last_id is None and follow:
+        newest = job_store.query_events(limit=1)
+        last_id = newest[-1].id if newest else 0
+    try:
+        while follow:
+            time.sleep(0.2)
+            batch = job_store.query_events(job_id=job, tier=tier, after_id=last_id, limit=1000)
+            emit(batch)
+            if batch:
+                last_id = batch[-1].id
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()

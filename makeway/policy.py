@@ -168,11 +168,22 @@ class JobDefaults(_Strict):
     kill_grace_s: float = Field(default=3.0, ge=0, le=3600)
 
 
+class HttpConfig(_Strict):
+    """The HTTP endpoint of a node (`makeway node --http`) and of `makeway dashboard`."""
+
+    # host:port to listen on. Empty means no endpoint unless --http names one.
+    listen: str = ""
+    # Bearer token for requests that change state. Empty means: generate one
+    # at start on a loopback address, and refuse to start on any other.
+    token: str = ""
+
+
 class Settings(_Strict):
     """The whole of `makeway.toml`."""
 
     store: str | None = None
     node: NodeConfig = NodeConfig()
+    http: HttpConfig = HttpConfig()
     policy: PolicyConfig = PolicyConfig()
     jobs: JobDefaults = JobDefaults()
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: dict(DEFAULT_TIERS))

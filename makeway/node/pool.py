@@ -46,6 +46,8 @@ class Assignment:
     resumed: bool = False
     # When the job last got a slot (monotonic): its start, or its unparking.
     slice_started_at: float = 0.0
+    # Wall-clock submission time, for the end-to-end latency metric.
+    submitted_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.slice_started_at = self.slice_started_at or self.started_at

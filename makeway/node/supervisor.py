@@ -27,6 +27,7 @@ from typing import Sequence
 
 from makeway.app import App
 from makeway.errors import RuntimeFault
+from makeway.node.endpoint import NodeEndpoint
 from makeway.node.leases import LeaseRenewer
 from makeway.node.pool import Assignment, Reclaim, WorkerHandle
 from makeway.node.reclaim import ReclaimSteps
@@ -96,6 +97,7 @@ class Supervisor(ReclaimSteps):
         self._listener: Listener | None = None
         self._signal_reader, self._signal_writer = socket.socketpair()
         self._renewer: LeaseRenewer | None = None
+        self.endpoint = NodeEndpoint(self)
         self._woken_by = "poll"
         self._store_missing_logged = False
 
@@ -112,6 +114,7 @@ class Supervisor(ReclaimSteps):
             if self.store_path is not None:
                 self._listener = Listener(self.store_path, NODE)
             self._renewer = self._start_renewer()
+            self.endpoint.start()
             logger.info(
                 "Node ready node=%s slots=%d interactive_workers=%d background_workers=%d scheduling=%s suspend=%s",
                 self.node_id, self.slots, self._pool_size(INTERACTIVE_POOL), self._pool_size(BACKGROUND_POOL),
@@ -228,6 +231,7 @@ class Supervisor(ReclaimSteps):
                 worker.kill()
                 usage = job.usage()
                 if self.store.requeue(job.job_id, job.attempt, "shutdown", self.node_id, time.time(), usage=usage):
+                    self.metrics.requeues.labels(job.tier, "shutdown").inc()
                     logger.warning("Requeued job=%s tier=%s attempt=%d: the node stopped before it finished",
                                    job.job_id, job.tier, job.attempt)
                 worker.assignment = None
@@ -237,6 +241,7 @@ class Supervisor(ReclaimSteps):
             worker.join(2.0)
         if self._renewer is not None:
             self._renewer.stop()
+        self.endpoint.stop()
         if self._listener is not None:
             self._listener.close()
         signal.set_wakeup_fd(-1)
@@ -428,6 +433,7 @@ class Supervisor(ReclaimSteps):
         job = worker.assignment
         worker.read_cpu()
         usage = job.usage(completed)
+        self.metrics.run_time.labels(job.tier).observe(usage.run_s)
         self.metrics.cpu_seconds.labels(job.tier).inc(usage.cpu_s)
         self.metrics.wasted_cpu_seconds.labels(job.tier).inc(usage.wasted_cpu_s)
         return usage
@@ -440,6 +446,7 @@ class Supervisor(ReclaimSteps):
                                      detail=f"{why}; checkpoints this attempt: {job.checkpoints}")
         if applied:
             self.metrics.preemptions.labels(mode, job.tier).inc()
+            self.metrics.requeues.labels(job.tier, reason).inc()
             logger.info("Job %s job=%s tier=%s attempt=%d (%s); it resumes from its last checkpoint",
                         reason, job.job_id, job.tier, job.attempt, why)
         self._dispatch_due = True
@@ -502,7 +509,10 @@ class Supervisor(ReclaimSteps):
         job_id = job.job_id
         now = time.time()
         if kind == OK:
-            return self.store.complete(job_id, attempt, result, self.node_id, now, usage=usage), "succeeded"
+            applied = self.store.complete(job_id, attempt, result, self.node_id, now, usage=usage)
+            if applied and job.submitted_at:
+                self.metrics.latency.labels(job.tier).observe(max(0.0, now - job.submitted_at))
+            return applied, "succeeded"
 
         retry_at = None if kind == INVALID else now + self._retry_delay(job_id)
         reason = "invalid_payload" if kind == INVALID else "job_error"
@@ -570,6 +580,8 @@ class Supervisor(ReclaimSteps):
         usage = job.usage()
         outcome = self.store.lose_worker(job.job_id, job.attempt, error, self.node_id, now,
                                          self.settings.jobs.max_worker_losses, usage=usage)
+        if outcome.applied and outcome.state is JobState.QUEUED:
+            self.metrics.requeues.labels(job.tier, "worker_lost").inc()
         next_step = "queued again" if outcome.state is JobState.QUEUED else "failed: it lost too many workers"
         logger.warning("Lost worker pid=%d running job=%s tier=%s attempt=%d (exit code %s); the job is %s",
                        worker.pid, job.job_id, job.tier, job.attempt, worker.process.exitcode, next_step)
@@ -642,12 +654,15 @@ class Supervisor(ReclaimSteps):
             return False
         worker.run(
             Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
-                       timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None),
+                       timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None,
+                       submitted_at=claim.submitted_at),
             claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
         )
         if worker.read_cpu() is not None:
             worker.assignment.cpu_start = worker.assignment.cpu_at_checkpoint = worker.assignment.cpu_last
         self.metrics.attempts.labels(claim.tier).inc()
+        if claim.queued_at is not None:
+            self.metrics.queue_wait.labels(claim.tier).observe(max(0.0, wall_now - claim.queued_at))
         logger.debug("Started job=%s name=%s tier=%s attempt=%d on worker pid=%d", claim.id, claim.name,
                      claim.tier, claim.attempt, worker.pid)
         return True
@@ -752,7 +767,7 @@ class Supervisor(ReclaimSteps):
         # One write for the whole batch keeps store time off the interactive
         # job's path; the signals of one batch go out microseconds apart.
         sent_at = min(worker.stop_sent_at for worker in workers)
-        detail = f"stop confirmed after {1000 * (time.time() - sent_at):.2f} ms"
+        detail = f"{self._suspension_cause(workers)}; stop confirmed after {1000 * (time.time() - sent_at):.2f} ms"
         jobs = [(worker.assignment.job_id, worker.assignment.attempt) for worker in workers]
         self.store.set_suspended(jobs, True, "preempted", self.node_id, sent_at, detail)
         for worker in workers:
@@ -768,9 +783,29 @@ class Supervisor(ReclaimSteps):
                 job.job_id, job.tier, job.attempt, worker.pid, self.policy.suspend_hold_s,
             )
 
+    def _suspension_cause(self, workers: list[WorkerHandle]) -> str:
+        """Return why `workers` were stopped, for the event: the interactive jobs they make way for, or parking."""
+        if all(worker.parked for worker in workers):
+            return f"parked ({workers[0].parked_reason})"
+        interactive = [w.assignment.job_id for w in self.workers
+                       if w.pool == INTERACTIVE_POOL and w.assignment is not None]
+        if interactive:
+            cause = f"for interactive job {interactive[0]}"
+            if len(interactive) > 1:
+                cause += f" and {len(interactive) - 1} more"
+        else:
+            cause = f"for {self._interactive_queued} queued interactive job(s)"
+        active = sum(1 for w in self.workers if w.assignment is not None and not w.dead and not w.parked)
+        return f"{cause}; {active} jobs on {self.slots} slots"
+
     def _record_resumed(self, workers: list[WorkerHandle], reason: str) -> None:
         jobs = [(w.assignment.job_id, w.assignment.attempt) for w in workers if w.assignment]
-        self.store.set_suspended(jobs, False, reason, self.node_id, time.time())
+        detail = None
+        if reason == "resumed" and self._interactive_demand() > 0:
+            detail = "its tier is owed its min_share while interactive work continues"
+        elif reason == "resumed":
+            detail = f"no interactive work for {self.policy.suspend_hold_s:g} s"
+        self.store.set_suspended(jobs, False, reason, self.node_id, time.time(), detail)
         for worker in workers:
             if worker.assignment:
                 self.metrics.resumes.labels(worker.assignment.tier).inc()

@@ -149,6 +149,8 @@ class Claim:
     deadline: float | None = None
     # The last checkpoint's JSON text, from any earlier attempt; None if none.
     checkpoint: str | None = None
+    # When the job last entered the queue (submission, retry or requeue).
+    queued_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class Event:
     node_id: str | None
     attempt: int
     detail: str | None
+    # Position in the store's event log; later events have larger ids.
+    id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,15 @@ class Store(Protocol):
 
     def lose_worker(self, job_id: str, attempt: int, error: str, node_id: str, now: float, max_losses: int,
                     usage: Usage | None = None) -> Outcome: ...
+
+    def backlog(self, now: float) -> dict[str, int]: ...
+
+    def query_events(self, job_id: str | None = None, tier: str | None = None, since: float | None = None,
+                     after_id: int | None = None, limit: int = 1000) -> list[Event]: ...
+
+    def list_jobs(self, state: JobState | None = None, tier: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+
+    def submitted_totals(self) -> dict[str, int]: ...
 
     def renew_leases(self, jobs: Sequence[tuple[str, int]], lease_expires_at: float) -> list[tuple[str, int]]: ...
 

@@ -126,6 +126,13 @@ MIGRATIONS: list[str] = [
     """
     UPDATE jobs SET idempotency_key = name || char(31) || idempotency_key WHERE idempotency_key IS NOT NULL;
     """,
+    # Submissions per tier, counted at submit time, so that the count survives
+    # the purge of ended jobs and can be a Prometheus counter.
+    """
+    CREATE TABLE submitted_totals (tier TEXT PRIMARY KEY, count INTEGER NOT NULL);
+    INSERT INTO submitted_totals (tier, count) SELECT tier, COUNT(*) FROM jobs GROUP BY tier;
+    CREATE INDEX events_at ON events (at);
+    """,
 ]
 KEY_SEPARATOR = "\x1f"
 
@@ -145,6 +152,14 @@ def _cap(text: str | None, limit: int) -> str | None:
     if text is None or len(text) <= limit:
         return text
     return text[:limit] + f"... [{len(text) - limit} more characters not stored]"
+
+
+def _where(equal: dict[str, Any]) -> tuple[str, list[Any]]:
+    """Return a WHERE clause that matches each column to its value, skipping None values, and its parameters."""
+    used = {column: value for column, value in equal.items() if value is not None}
+    if not used:
+        return "", []
+    return "WHERE " + " AND ".join(f"{column} = ?" for column in used), list(used.values())
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
@@ -412,6 +427,11 @@ class SQLiteStore:
                      max(now, job.not_before), job.timeout_s, job.deadline),
                 )
                 self._event(db, job.id, now, None, JobState.QUEUED.value, "submitted", None, 0)
+                db.execute(
+                    "INSERT INTO submitted_totals (tier, count) VALUES (?, 1) "
+                    "ON CONFLICT (tier) DO UPDATE SET count = count + 1",
+                    (job.tier,),
+                )
                 ids.append(job.id)
         return ids
 
@@ -590,14 +610,14 @@ class SQLiteStore:
                 return None
             row = db.execute(
                 "SELECT id, name, tier, priority, attempt, payload, serializer, submitted_at, metadata, timeout_s, "
-                "deadline, checkpoint FROM jobs WHERE id = ?",
+                "deadline, checkpoint, queued_at FROM jobs WHERE id = ?",
                 (job_id,),
             ).fetchone()
             detail = f"worker_pid={worker_pid}" + (f" woken_by={woken_by}" if woken_by else "")
             self._event(db, job_id, now, JobState.QUEUED.value, JobState.RUNNING.value, "claimed", node_id, row[4],
                         detail)
         return Claim(*row[:8], metadata=json.loads(row[8]), started_at=now, timeout_s=row[9], deadline=row[10],
-                     checkpoint=row[11])
+                     checkpoint=row[11], queued_at=row[12])
 
     def complete(self, job_id: str, attempt: int, result: bytes, node_id: str, now: float,
                  usage: Usage | None = None) -> bool:
@@ -810,6 +830,41 @@ class SQLiteStore:
             rows = self._read(f"SELECT {columns} FROM events WHERE job_id = ? ORDER BY id LIMIT ?", (job_id, limit))
         return [Event(*row) for row in rows]
 
+    def query_events(self, job_id: str | None = None, tier: str | None = None, since: float | None = None,
+                     after_id: int | None = None, limit: int = 1000) -> list[Event]:
+        """Return events oldest first, filtered by job, by the job's tier, by time and by position.
+
+        Without `since` and `after_id`, the newest `limit` events are returned.
+        """
+        clauses, params = [], []
+        if job_id is not None:
+            clauses.append("events.job_id = ?")
+            params.append(job_id)
+        if tier is not None:
+            clauses.append("events.job_id IN (SELECT id FROM jobs WHERE tier = ?)")
+            params.append(tier)
+        if since is not None:
+            clauses.append("events.at >= ?")
+            params.append(since)
+        if after_id is not None:
+            clauses.append("events.id > ?")
+            params.append(after_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        columns = "job_id, at, from_state, to_state, reason, node_id, attempt, detail, id"
+        if since is None and after_id is None:
+            rows = self._read(f"SELECT {columns} FROM events {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+            rows.reverse()
+        else:
+            rows = self._read(f"SELECT {columns} FROM events {where} ORDER BY id LIMIT ?", (*params, limit))
+        return [Event(*row) for row in rows]
+
+    def list_jobs(self, state: JobState | None = None, tier: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """Return up to `limit` jobs, newest first, optionally of one state and one tier."""
+        where, params = _where({"state": state.value if state is not None else None, "tier": tier})
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY submitted_at DESC LIMIT ?",
+                          (*params, limit))
+        return [_record(row) for row in rows]
+
     def count_events(self, reason: str, since: float = 0.0) -> int:
         return self._read("SELECT COUNT(*) FROM events WHERE reason = ? AND at >= ?", (reason, since))[0][0]
 
@@ -817,6 +872,18 @@ class SQLiteStore:
         """Return the number of jobs per (tier, state)."""
         rows = self._read("SELECT tier, state, COUNT(*) FROM jobs GROUP BY tier, state")
         return {(tier, state): count for tier, state, count in rows}
+
+    def backlog(self, now: float) -> dict[str, int]:
+        """Return the number of queued jobs per tier that are due (not delayed) and not paused."""
+        rows = self._read(
+            "SELECT tier, COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ? AND paused = 0 GROUP BY tier",
+            (now,),
+        )
+        return dict(rows)
+
+    def submitted_totals(self) -> dict[str, int]:
+        """Return the number of jobs ever submitted per tier, purged ones included."""
+        return dict(self._read("SELECT tier, count FROM submitted_totals"))
 
     def attempt_errors(self, job_id: str) -> list[AttemptError]:
         """Return the error of every failed attempt of a job, oldest first."""
@@ -870,13 +937,6 @@ class SQLiteStore:
         return [_record(row) for row in rows]
 
     def jobs(self, state: JobState | None = None, name: str | None = None) -> list[JobRecord]:
-        clauses, params = [], []
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(state.value)
-        if name is not None:
-            clauses.append("name = ?")
-            params.append(name)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where({"state": state.value if state is not None else None, "name": name})
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY submitted_at", params)
         return [_record(row) for row in rows]

@@ -442,3 +442,15 @@ def exhaust_memory(cgroup_dir, marker):
     while True:
         # Touch every page, so the memory is charged and not just reserved.
         hoard.append(bytearray(b"x" * (8 << 20)))
+
+
+@app.job(tier="bulk", max_retries=0)
+def count_in_worker(items):
+    """Count `items` in a Prometheus counter of the worker process, which the node's /metrics merges."""
+    from prometheus_client import Counter
+
+    global _WORKER_ITEMS
+    if "_WORKER_ITEMS" not in globals():
+        _WORKER_ITEMS = Counter("test_worker_items", "Items counted inside a worker")
+    _WORKER_ITEMS.inc(items)
+    return items
