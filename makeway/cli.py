@@ -531,6 +531,35 @@ def events(
 
 
 @cli.command()
+def top(
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between refreshes."),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit, for scripts."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Show a live view of the tiers (backlog, running, suspended, latency, preemptions) and the running jobs."""
+    from rich.live import Live
+
+    from makeway.observe.top import render, take_snapshot
+    from makeway.policy import load_settings
+
+    if not 0.05 <= interval <= 3600:
+        raise UsageError(f"--interval {interval} is invalid; pass seconds from 0.05 to 3600")
+    settings, _ = load_settings(config)
+    job_store = _open_store(store, config)
+    if once:
+        console.print(render(take_snapshot(job_store, settings)))
+        return
+    try:
+        with Live(render(take_snapshot(job_store, settings)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render(take_snapshot(job_store, settings)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
 def chaos(
     duration: float = typer.Option(60.0, "--duration", help="Seconds of random faults."),
     jobs: int = typer.Option(2000, "--jobs", help="Jobs submitted, of every tier; a third write ledger rows."),

@@ -220,3 +220,33 @@ def test_node_logs_json_lines(store_url, tmp_path):
     assert first["level"] == "INFO"
     assert first["logger"].startswith("makeway")
     assert "message" in first
+
+
+def test_top_shows_tiers_and_progress(app, start_node, store_url):
+    from typer.testing import CliRunner
+
+    from makeway.cli import cli
+    from makeway.observe.top import take_snapshot
+
+    start_node("[node]\nslots = 2\n")
+    long_job = basic.slow_progress.submit(200, 0.05)
+    wait_until(lambda: (app.store.get(long_job.id).progress_done or 0) >= 10, message="progress reported")
+    for value in range(5):
+        assert basic.add.submit(value, 1).result(timeout=30) == value + 1
+
+    snapshot = take_snapshot(app.store, app.settings)
+    frame = CliRunner().invoke(cli, ["top", "--once", "--store", store_url])
+
+    interactive = next(row for row in snapshot.tiers if row.name == "interactive")
+    bulk = next(row for row in snapshot.tiers if row.name == "bulk")
+    assert interactive.completed == 5
+    assert 0 < interactive.p50_ms <= interactive.p99_ms
+    assert bulk.running + bulk.suspended == 1
+    # Each interactive job suspended the bulk job once.
+    assert bulk.preemptions_per_s > 0
+    assert [record.id for record in snapshot.running] == [long_job.id]
+    assert frame.exit_code == 0, frame.output
+    assert long_job.id in frame.output
+    assert "step" in frame.output
+    assert "%" in frame.output
+    long_job.cancel(wait=10)

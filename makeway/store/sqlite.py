@@ -132,6 +132,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE submitted_totals (tier TEXT PRIMARY KEY, count INTEGER NOT NULL);
     INSERT INTO submitted_totals (tier, count) SELECT tier, COUNT(*) FROM jobs GROUP BY tier;
     CREATE INDEX events_at ON events (at);
+    CREATE INDEX jobs_finished ON jobs (state, finished_at);
     """,
 ]
 KEY_SEPARATOR = "\x1f"
@@ -864,6 +865,22 @@ class SQLiteStore:
         rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY submitted_at DESC LIMIT ?",
                           (*params, limit))
         return [_record(row) for row in rows]
+
+    def recent_latencies(self, since: float) -> list[tuple[str, float]]:
+        """Return (tier, seconds from submission to success) of the jobs that succeeded at or after `since`."""
+        return self._read(
+            "SELECT tier, finished_at - submitted_at FROM jobs WHERE state = 'succeeded' AND finished_at >= ?",
+            (since,),
+        )
+
+    def event_counts(self, since: float) -> dict[tuple[str, str], int]:
+        """Return the number of events per (tier, reason) at or after `since`."""
+        rows = self._read(
+            "SELECT jobs.tier, events.reason, COUNT(*) FROM events JOIN jobs ON jobs.id = events.job_id "
+            "WHERE events.at >= ? GROUP BY jobs.tier, events.reason",
+            (since,),
+        )
+        return {(tier, reason): count for tier, reason, count in rows}
 
     def count_events(self, reason: str, since: float = 0.0) -> int:
         return self._read("SELECT COUNT(*) FROM events WHERE reason = ? AND at >= ?", (reason, since))[0][0]

@@ -454,3 +454,12 @@ def count_in_worker(items):
         _WORKER_ITEMS = Counter("test_worker_items", "Items counted inside a worker")
     _WORKER_ITEMS.inc(items)
     return items
+
+
+@app.job(tier="bulk", max_retries=0)
+def slow_progress(steps, step_s, ctx):
+    """Report progress every step for `steps` steps of `step_s` seconds."""
+    for step in range(steps):
+        ctx.progress(step, steps, f"step {step}")
+        time.sleep(step_s)
+    return steps
