@@ -560,6 +560,41 @@ def top(
 
 
 @cli.command()
+def dashboard(
+    listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT to serve on (overrides http.listen; "
+                                                                "default 127.0.0.1:8378)."),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+) -> None:
+    """Serve the web dashboard, the JSON API and store-wide /metrics for a store, until Ctrl-C."""
+    from prometheus_client import CollectorRegistry
+
+    from makeway.observe.metrics import PressureCollector, StoreCollector
+    from makeway.policy import load_settings
+    from makeway.web.api import create_api
+    from makeway.web.server import HttpServer, parse_listen, resolve_token
+
+    settings, _ = load_settings(config)
+    host, port = parse_listen(listen or settings.http.listen or "127.0.0.1:8378")
+    token, generated = resolve_token(host, settings.http.token)
+    job_store = _open_store(store, config)
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(lambda: (job_store.counts(), job_store.backlog(time.time()),
+                                              job_store.submitted_totals())))
+    registry.register(PressureCollector())
+    server = HttpServer(create_api(job_store, settings, token, registries=lambda: [registry]), host, port)
+    server.start()
+    console.print(f"Dashboard at http://{host}:{server.port}/ (API docs at /docs)")
+    if generated:
+        console.print(f"Token for requests that change state: {token}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@cli.command()
 def chaos(
     duration: float = typer.Option(60.0, "--duration", help="Seconds of random faults."),
     jobs: int = typer.Option(2000, "--jobs", help="Jobs submitted, of every tier; a third write ledger rows."),

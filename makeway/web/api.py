@@ -7,21 +7,27 @@ resume) need the bearer token given to `create_api`.
 from __future__ import annotations
 
 import hmac
+import math
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from makeway.errors import UnknownJobError
+from makeway.observe.metrics import read_pressure
+from makeway.observe.top import WINDOW_S, take_snapshot
 from makeway.policy import Settings
 from makeway.store import JobState, Store
 from makeway.store.base import Event
 from makeway.store.wakeup import CONTROL_HINT, NODE, notify
 
 MAX_LIST = 1000
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 class JobSummary(BaseModel):
@@ -50,6 +56,25 @@ class TierOut(BaseModel):
     paused: bool
     backlog: int
     states: dict[str, int]
+
+
+class TierStats(BaseModel):
+    name: str
+    backlog: int
+    running: int
+    suspended: int
+    completed: int
+    p50_ms: float | None
+    p99_ms: float | None
+    preemptions_per_s: float
+    cpu_s: float
+
+
+class StatsOut(BaseModel):
+    at: float
+    window_s: float
+    tiers: list[TierStats]
+    pressure: dict[str, float]
 
 
 class ChangeOut(BaseModel):
@@ -115,6 +140,27 @@ def create_api(store: Store, settings: Settings, token: str,
                     states={state: count for (tier_name, state), count in counts.items() if tier_name == name})
             for name, tier in sorted(settings.tiers.items(), key=lambda item: item[1].rank)
         ]
+
+    @api.get("/api/stats", response_model=StatsOut)
+    def stats() -> StatsOut:
+        """Summarise each tier over the last minute, with the CPU seconds its attempts used so far and the
+        machine's pressure; the dashboard polls it."""
+        snapshot = take_snapshot(store, settings)
+        cpu = {row["tier"]: row["cpu_s"] for row in store.tier_accounting()}
+        tiers = [
+            TierStats(name=row.name, backlog=row.backlog, running=row.running, suspended=row.suspended,
+                      completed=row.completed, p50_ms=None if math.isnan(row.p50_ms) else row.p50_ms,
+                      p99_ms=None if math.isnan(row.p99_ms) else row.p99_ms,
+                      preemptions_per_s=row.preemptions_per_s, cpu_s=cpu.get(row.name, 0.0))
+            for row in snapshot.tiers
+        ]
+        return StatsOut(at=snapshot.at, window_s=WINDOW_S, tiers=tiers, pressure=read_pressure())
+
+    @api.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @api.get("/api/events", response_model=list[Event])
     def list_events(job: str | None = None, tier: str | None = None,
