@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from makeway.observe.tracing import inject_context
 from makeway.errors import UnknownJobError, UsageError
 from makeway.jobs import JobHandle
 from makeway.policy import Settings, load_settings, validate_priority
@@ -272,7 +273,7 @@ class BoundJobFunction:
             serializer=app.serializer,
             max_retries=max_retries,
             not_before=time.time() + opts.delay_s,
-            metadata=opts.metadata,
+            metadata=inject_context(opts.metadata),
             idempotency_key=opts.idempotency_key,
             timeout_s=function.timeout if opts.timeout is None else _validate_timeout(opts.timeout),
             deadline=_validate_deadline(opts.deadline),

@@ -126,6 +126,8 @@ class WorkerHandle:
         self.deferred = False
         self.dead = False
         self.reclaim: Reclaim | None = None
+        # The OpenTelemetry spans of the current attempt (AttemptSpans), or None.
+        self.spans = None
         # Why the worker is held stopped outside the interactive preemption
         # plan: "paused", or "time_slice" while the job waits for a free slot.
         # None while it is not parked. parked_at is wall-clock time.

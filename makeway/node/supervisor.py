@@ -33,6 +33,7 @@ from makeway.node.pool import Assignment, Reclaim, WorkerHandle
 from makeway.node.reclaim import ReclaimSteps
 from makeway.node.worker import ERROR, INTERRUPTED, INVALID, OK, STALE, YIELDED
 from makeway.observe.metrics import NodeMetrics
+from makeway.observe.tracing import ATTEMPT_CONTEXT_KEY, start_attempt
 from makeway.policy import BACKGROUND_POOL, INTERACTIVE_POOL, Settings
 from makeway.scheduler.dispatch import rank_candidates, rank_fifo
 from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspensions
@@ -230,6 +231,7 @@ class Supervisor(ReclaimSteps):
                 worker.read_cpu()
                 worker.kill()
                 usage = job.usage()
+                self._end_trace(worker, "shutdown")
                 if self.store.requeue(job.job_id, job.attempt, "shutdown", self.node_id, time.time(), usage=usage):
                     self.metrics.requeues.labels(job.tier, "shutdown").inc()
                     logger.warning("Requeued job=%s tier=%s attempt=%d: the node stopped before it finished",
@@ -425,6 +427,7 @@ class Supervisor(ReclaimSteps):
         if not applied and kind != STALE:
             logger.warning("Dropped the outcome of job=%s attempt=%d: the attempt is stale (its lease was lost)", job_id, attempt)
         self.metrics.jobs_finished.labels(job.tier, outcome if applied else "stale").inc()
+        self._end_trace(worker, outcome if applied else "stale")
         if self.store_path is not None:
             notify(self.store_path, WAITER)
 
@@ -471,9 +474,12 @@ class Supervisor(ReclaimSteps):
         job = worker.assignment
         applied = False
         if job is not None and job.job_id == job_id and job.attempt == attempt:
-            applied = self.store.save_checkpoint(job_id, attempt, state, time.time(), progress)
+            started = time.time()
+            applied = self.store.save_checkpoint(job_id, attempt, state, started, progress)
             if applied:
                 self._note_checkpoint(worker, job_id, attempt)
+                if worker.spans is not None:
+                    worker.spans.checkpoint(started, time.time())
         try:
             worker.conn.send(("checkpoint_ack", sequence, applied))
         except (BrokenPipeError, OSError):
@@ -488,6 +494,11 @@ class Supervisor(ReclaimSteps):
         if worker.read_cpu() is not None:
             job.cpu_at_checkpoint = job.cpu_last
         self.metrics.checkpoints.labels(job.tier).inc()
+
+    def _end_trace(self, worker: WorkerHandle, outcome: str) -> None:
+        if worker.spans is not None:
+            worker.spans.end(time.time(), outcome)
+            worker.spans = None
 
     def _release_worker(self, worker: WorkerHandle) -> None:
         """Mark a worker idle after its job ended, and let background work continue."""
@@ -571,6 +582,7 @@ class Supervisor(ReclaimSteps):
             self._record_stopped(job, reclaim.reason, detail, usage)
         else:
             self._requeue_reclaimed(job, reclaim, "requeue", usage)
+        self._end_trace(worker, reclaim.mode)
         if self.store_path is not None:
             notify(self.store_path, WAITER)
 
@@ -580,6 +592,7 @@ class Supervisor(ReclaimSteps):
         usage = job.usage()
         outcome = self.store.lose_worker(job.job_id, job.attempt, error, self.node_id, now,
                                          self.settings.jobs.max_worker_losses, usage=usage)
+        self._end_trace(worker, "worker_lost")
         if outcome.applied and outcome.state is JobState.QUEUED:
             self.metrics.requeues.labels(job.tier, "worker_lost").inc()
         next_step = "queued again" if outcome.state is JobState.QUEUED else "failed: it lost too many workers"
@@ -652,11 +665,16 @@ class Supervisor(ReclaimSteps):
             self.store.finish_cancelled(claim.id, claim.attempt, "deadline_exceeded", "deadline passed before start",
                                         self.node_id, time.time())
             return False
+        metadata = claim.metadata
+        worker.spans = start_attempt(claim.id, claim.name, claim.tier, claim.attempt, self.node_id, claim.metadata,
+                                     claim.queued_at, wall_now)
+        if worker.spans is not None:
+            metadata = {**metadata, ATTEMPT_CONTEXT_KEY: worker.spans.carrier}
         worker.run(
             Assignment(claim.id, claim.attempt, claim.name, claim.tier, claim.priority, time.monotonic(),
                        timeout_s=claim.timeout_s, deadline=claim.deadline, resumed=claim.checkpoint is not None,
                        submitted_at=claim.submitted_at),
-            claim.payload, claim.serializer, claim.metadata, claim.checkpoint,
+            claim.payload, claim.serializer, metadata, claim.checkpoint,
         )
         if worker.read_cpu() is not None:
             worker.assignment.cpu_start = worker.assignment.cpu_at_checkpoint = worker.assignment.cpu_last
@@ -771,6 +789,8 @@ class Supervisor(ReclaimSteps):
         jobs = [(worker.assignment.job_id, worker.assignment.attempt) for worker in workers]
         self.store.set_suspended(jobs, True, "preempted", self.node_id, sent_at, detail)
         for worker in workers:
+            if worker.spans is not None:
+                worker.spans.suspended(sent_at)
             job = worker.assignment
             self.metrics.preemptions.labels("suspend", job.tier).inc()
             if worker.parked:
@@ -805,7 +825,11 @@ class Supervisor(ReclaimSteps):
             detail = "its tier is owed its min_share while interactive work continues"
         elif reason == "resumed":
             detail = f"no interactive work for {self.policy.suspend_hold_s:g} s"
-        self.store.set_suspended(jobs, False, reason, self.node_id, time.time(), detail)
+        resumed_at = time.time()
+        self.store.set_suspended(jobs, False, reason, self.node_id, resumed_at, detail)
+        for worker in workers:
+            if worker.spans is not None:
+                worker.spans.resumed(resumed_at)
         for worker in workers:
             if worker.assignment:
                 self.metrics.resumes.labels(worker.assignment.tier).inc()
@@ -841,6 +865,7 @@ class Supervisor(ReclaimSteps):
             if job is not None and (job.job_id, job.attempt) in lost:
                 logger.warning("Lost the lease of job=%s attempt=%d; stopped worker pid=%d so that no other attempt "
                                "runs at the same time", job.job_id, job.attempt, worker.pid)
+                self._end_trace(worker, "lease_lost")
                 worker.assignment = None
                 worker.kill()
 

@@ -238,6 +238,7 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
 
     from makeway.errors import JobInterrupt, StaleAttempt, YieldRequested
     from makeway.jobs import JobContext
+    from makeway.observe.tracing import ATTEMPT_CONTEXT_KEY, attempt_context
     from makeway.serialization import decode, encode
 
     job_id, attempt, name, payload, serializer, tier, metadata, checkpoint = fields
@@ -248,6 +249,7 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
     except Exception as exc:
         return job_id, attempt, INVALID, None, f"invalid payload: {exc}", None
 
+    trace_carrier = metadata.pop(ATTEMPT_CONTEXT_KEY, None)
     if function.takes_context:
         channel = Channel(conn, flags, job_id, attempt) if conn is not None else None
         resume_state = json.loads(checkpoint) if checkpoint is not None else None
@@ -260,13 +262,14 @@ def run_job(app, fields: tuple, flags, conn=None) -> tuple[str, int, str, Any, s
         )}
     _JobState.interruptible = True
     try:
-        result = function.fn(*args, **kwargs)
-        if function.is_async:
-            try:
-                result = asyncio.run(_run_stoppable(result))
-            finally:
-                # Closing the loop resets the signals it handled to their defaults.
-                signal.signal(signal.SIGTERM, _on_sigterm)
+        with attempt_context({ATTEMPT_CONTEXT_KEY: trace_carrier}):
+            result = function.fn(*args, **kwargs)
+            if function.is_async:
+                try:
+                    result = asyncio.run(_run_stoppable(result))
+                finally:
+                    # Closing the loop resets the signals it handled to their defaults.
+                    signal.signal(signal.SIGTERM, _on_sigterm)
         _JobState.interruptible = False
     except JobInterrupt as exc:
         _JobState.interruptible = False
