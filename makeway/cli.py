@@ -205,6 +205,7 @@ def _timestamp(epoch: float | None) -> str | None:
 
 
 def _job_details(record, events) -> dict[str, Any]:
+    from makeway.store import JobState
     from makeway.store.base import PREEMPTION_REASONS
 
     preemptions: dict[str, int] = {}
@@ -225,7 +226,10 @@ def _job_details(record, events) -> dict[str, Any]:
         "last_reason": events[-1].reason if events else None,
         "result": record.result.decode("utf-8", "replace") if record.result is not None and record.serializer == "json"
         else None,
-        "error": record.error,
+        # A job that failed, retried and then succeeded keeps the error of its
+        # last failed attempt; the label says so, rather than present it as
+        # the job's current state.
+        "error" if record.state in (JobState.FAILED, JobState.CANCELLED) else "last_failed_attempt_error": record.error,
     }
 
 
@@ -267,6 +271,10 @@ def status(
                 value = "\n".join(f"attempt {e['attempt']} ({e['reason']}): {e['error']}" for e in value)
             table.add_row(key, "" if value is None else str(value))
         console.print(table)
+        for error in details["attempt_errors"]:
+            if error["traceback"]:
+                console.print(f"Traceback of attempt {error['attempt']}:", style="bold")
+                console.print(error["traceback"].rstrip(), markup=False, highlight=False)
         return
 
     counts = job_store.counts()
@@ -297,8 +305,9 @@ def status(
     console.print(table)
 
     running = Table(title="Running and suspended jobs")
-    for column in ("job", "name", "tier", "state", "attempt", "worker pid", "node", "running for", "progress"):
-        # Ids wrap rather than shorten, so they can be copied from the table.
+    # Full ids on one line, so they can be copied or searched for.
+    running.add_column("job", no_wrap=True, min_width=36)
+    for column in ("name", "tier", "state", "attempt", "worker pid", "node", "running for", "progress"):
         running.add_column(column, overflow="fold")
     now = time.time()
     for record in active:
@@ -347,7 +356,8 @@ def _print_failed(job_store, as_json: bool) -> None:
         console.print_json(json.dumps({"store": job_store.url, "failed": rows}))
         return
     table = Table(title=f"Failed jobs in {job_store.url} ({len(rows)})")
-    for column in ("job", "name", "tier", "attempts", "failures", "ended", "reason", "error"):
+    table.add_column("job", no_wrap=True, min_width=36)
+    for column in ("name", "tier", "attempts", "failures", "ended", "reason", "error"):
         table.add_column(column, overflow="fold")
     for row in rows:
         first_line = (row["error"] or "").splitlines()[0] if row["error"] else ""

@@ -92,6 +92,9 @@ class NodeConfig(_Strict):
     # its own, so that jobs without checkpoints can take turns without losing
     # work. None means as many as background_workers.
     max_parked_jobs: int | None = Field(default=None, ge=0, le=4096)
+    # Whether the supervisor records its counters and histograms. Off, every
+    # observation is a call that does nothing; store-wide figures stay.
+    metrics: bool = True
 
     @model_validator(mode="after")
     def _heartbeat_below_lease(self) -> NodeConfig:

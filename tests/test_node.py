@@ -331,6 +331,13 @@ def test_failed_job_listed_and_retried(app, start_node, store_url, tmp_path):
     listed = runner.invoke(cli, ["status", "--failed", "--store", store_url, "--json"])
     assert listed.exit_code == 0, listed.output
     assert json.loads(listed.output)["failed"][0]["id"] == handle.id
+    table = runner.invoke(cli, ["status", "--failed", "--store", store_url])
+    # The id stays on one line even in a narrow, non-terminal output.
+    assert handle.id in table.output
+    detail = runner.invoke(cli, ["status", handle.id, "--store", store_url])
+    assert "Traceback of attempt 1:" in detail.output
+    assert "Traceback of attempt 2:" in detail.output
+    assert "ValueError: no marker yet" in detail.output
 
     marker.write_text("ok")
     retried = runner.invoke(cli, ["retry", handle.id, "--store", store_url])
@@ -342,6 +349,9 @@ def test_failed_job_listed_and_retried(app, start_node, store_url, tmp_path):
     assert "retried_by_user" in [event.reason for event in app.store.events(handle.id)]
     again = runner.invoke(cli, ["retry", handle.id, "--store", store_url])
     assert "succeeded, left alone" in again.output
+    succeeded = json.loads(runner.invoke(cli, ["status", handle.id, "--store", store_url, "--json"]).output)
+    assert "error" not in succeeded
+    assert "no marker yet" in succeeded["last_failed_attempt_error"]
 
 
 def test_shutdown_yields_checkpointing_job_at_once(app, start_node):

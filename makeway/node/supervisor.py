@@ -79,7 +79,7 @@ class Supervisor(ReclaimSteps):
         self.store = open_store(app.store_url, for_node=True)
         self.store_path = app.store_path
         self.slots = self.settings.node.resolved_slots()
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(enabled=self.settings.node.metrics)
         self.workers: list[WorkerHandle] = []
         self.preemption = PreemptionState()
         self._next_worker_id = 0

@@ -29,9 +29,25 @@ LATENCY_BUCKETS_S = (
 )
 
 
+class _Disabled:
+    """A metric that records nothing, for `node.metrics = false`."""
+
+    def labels(self, *values: str) -> _Disabled:
+        return self
+
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
 class NodeMetrics:
-    def __init__(self) -> None:
+    """The counters and histograms of one node; with `enabled` False each one records nothing."""
+
+    def __init__(self, enabled: bool = True) -> None:
         self.registry = CollectorRegistry()
+        self.enabled = enabled
         self.preemptions = Counter(
             "makeway_preemptions", "Preemptions applied, by mode and preempted tier", ["mode", "tier"], registry=self.registry
         )
@@ -67,8 +83,8 @@ class NodeMetrics:
             ["tier"], registry=self.registry,
         )
         self.requeues = Counter(
-            "makeway_requeues", "Jobs queued again without a failure, by tier and reason (yield, requeue, shutdown, "
-            "lease_expired, worker_lost)", ["tier", "reason"], registry=self.registry,
+            "makeway_requeues", "Jobs queued again without a failure, by tier and reason (yielded, requeued, shutdown, "
+            "worker_lost)", ["tier", "reason"], registry=self.registry,
         )
         self.queue_wait = Histogram(
             "makeway_queue_wait_seconds", "Time from entering the queue to the claim, per attempt, by tier", ["tier"],
@@ -83,6 +99,11 @@ class NodeMetrics:
             ["tier"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
         )
 
+        if not enabled:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, (Counter, Histogram)):
+                    self.registry.unregister(value)
+                    setattr(self, name, _Disabled())
 
 class NodeStateCollector(Collector):
     """Collect this node's jobs per tier and its background budget at scrape time, from `read()`.

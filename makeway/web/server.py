@@ -24,7 +24,7 @@ TOKEN_ENV = "MAKEWAY_HTTP_TOKEN"
 
 
 def parse_listen(address: str) -> tuple[str, int]:
-    """Split "host:port" (or "[v6]:port"); raise UsageError naming the value on anything else."""
+    """Split "host:port" (or "[v6]:port") into host and port; raise UsageError naming any other value."""
     host, separator, port_text = address.rpartition(":")
     host = host.strip("[]")
     if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
