@@ -573,6 +573,9 @@ def top(
 def dashboard(
     listen: Optional[str] = typer.Option(None, "--listen", help="HOST:PORT to serve on (overrides http.listen; "
                                                                 "default 127.0.0.1:8378)."),
+    app_spec: Optional[str] = typer.Option(None, "--app", help="The App, as package.module:attribute, whose job "
+                                                              "functions check submissions; without it the API "
+                                                              "cannot submit."),
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
@@ -587,12 +590,14 @@ def dashboard(
     settings, _ = load_settings(config)
     host, port = parse_listen(listen or settings.http.listen or "127.0.0.1:8378")
     token, generated = resolve_token(host, settings.http.token)
-    job_store = _open_store(store, config)
+    application = _load_app(app_spec, store, config) if app_spec else None
+    job_store = application.store if application is not None else _open_store(store, config)
     registry = CollectorRegistry()
     registry.register(StoreCollector(lambda: (job_store.counts(), job_store.backlog(time.time()),
                                               job_store.submitted_totals())))
     registry.register(PressureCollector())
-    server = HttpServer(create_api(job_store, settings, token, registries=lambda: [registry]), host, port)
+    server = HttpServer(create_api(job_store, settings, token, registries=lambda: [registry], app=application),
+                        host, port)
     server.start()
     console.print(f"Dashboard at http://{host}:{server.port}/ (API docs at /docs)")
     if generated:

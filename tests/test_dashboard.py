@@ -97,8 +97,12 @@ def test_api_passes_schemathesis(app, start_node, tmp_path):
     start_node(f"[http]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n")
     basic.add.submit(1, 2).result(timeout=30)
     result = subprocess.run(
+        # positive_data_acceptance is left out: POST /api/jobs checks the
+        # arguments against the job function's signature, which no JSON
+        # schema can state, so schema-valid arguments may get a 422.
         [sys.executable, "-m", "schemathesis.cli", "run", f"http://127.0.0.1:{port}/openapi.json",
-         "--checks", "all", "--max-examples", "25", "--seed", "7", "--header", f"Authorization: Bearer {TOKEN}"],
+         "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "25", "--seed", "7",
+         "--header", f"Authorization: Bearer {TOKEN}"],
         capture_output=True, text=True, timeout=150, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

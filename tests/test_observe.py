@@ -25,8 +25,9 @@ def _get(url: str) -> str:
         return response.read().decode()
 
 
-def _post(url: str, token: str | None) -> tuple[int, dict]:
-    request = urllib.request.Request(url, method="POST", data=b"")
+def _post(url: str, token: str | None, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else b""
+    request = urllib.request.Request(url, method="POST", data=data, headers={"Content-Type": "application/json"})
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -151,7 +152,8 @@ def test_events_carry_decision_reasons(app, start_node, store_url):
 
     # Opportunistic jobs may only be asked to yield, so pausing one makes it
     # yield instead of parking it.
-    start_node("[node]\nslots = 2\npoll_interval_s = 0.05\n\n[tiers.opportunistic]\npreemption = [\"yield\"]\n")
+    start_node("[node]\nslots = 2\npoll_interval_s = 0.05\n\n[tiers.opportunistic]\npreemption = [\"yield\"]\n\n"
+               "[tiers.essential]\npreemption = [\"requeue\"]\nrequeue_grace_s = 0.05\n")
     # Suspend and resume: an interactive job arrives while bulk work runs.
     spinning = basic.spin.submit(1.5)
     wait_until(lambda: spinning.status() is JobState.RUNNING, message="bulk job running")
@@ -164,6 +166,12 @@ def test_events_carry_decision_reasons(app, start_node, store_url):
     app.store.set_paused(job_id=yielding.id, paused=True, now=time.time())
     app._wake_nodes(control=True)
     wait_until(lambda: yielding.status() is JobState.QUEUED, message="job yielded")
+    # Requeue: a paused essential job without yield points is terminated and queued again.
+    requeued = basic.long_sleep.options(tier="essential").submit(60)
+    wait_until(lambda: requeued.status() is JobState.RUNNING, message="job to requeue running")
+    app.store.set_paused(job_id=requeued.id, paused=True, now=time.time())
+    app._wake_nodes(control=True)
+    wait_until(lambda: requeued.status() is JobState.QUEUED, message="job requeued")
     # Cancel: a running job without yield points.
     cancelled = basic.long_sleep.submit(60)
     wait_until(lambda: cancelled.status() is JobState.RUNNING, message="job to cancel running")
@@ -177,6 +185,7 @@ def test_events_carry_decision_reasons(app, start_node, store_url):
     assert "slots" in suspended["preempted"]
     assert "no interactive work" in suspended["resumed"]
     assert "yielded" in reasons(yielding)
+    assert "requeued" in reasons(requeued)
     assert "cancelled_by_user" in reasons(cancelled)
 
     listed = CliRunner().invoke(cli, ["events", "--job", spinning.id, "--store", store_url])
@@ -250,3 +259,22 @@ def test_top_shows_tiers_and_progress(app, start_node, store_url):
     assert "step" in frame.output
     assert "%" in frame.output
     long_job.cancel(wait=10)
+
+
+def test_api_submits_jobs_with_token(app, start_node):
+    port = free_port()
+    start_node(f"[http]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"secret\"\n")
+    url = f"http://127.0.0.1:{port}/api/jobs"
+
+    status, body = _post(url, "secret", {"name": "tests.apps.basic:add", "args": [2, 5]})
+    assert status == 201
+    assert app.handle(body["id"]).result(timeout=30) == 7
+    status, body = _post(url, "secret", {"name": "tests.apps.basic:add", "args": [2], "priority": 3})
+    assert status == 422
+    assert "arguments do not match" in body["detail"]
+    status, body = _post(url, "secret", {"name": "tests.apps.basic:add", "args": [1, 1], "tier": "nope"})
+    assert status == 422
+    assert "'nope'" in body["detail"]
+    assert _post(url, "secret", {"name": "no.such:job"})[0] == 404
+    assert _post(url, None, {"name": "tests.apps.basic:add", "args": [1, 1]})[0] == 401
+    assert app.store.counts() == {("interactive", "succeeded"): 1}

@@ -67,7 +67,7 @@ class NodeEndpoint:
 
         supervisor = self._supervisor
         self._store = open_store(supervisor.app.store_url, create=False)
-        api = create_api(self._store, supervisor.settings, self.token, registries=self.registries)
+        api = create_api(self._store, supervisor.settings, self.token, registries=self.registries, app=supervisor.app)
         self._server = HttpServer(api, self._host, self._port)
         self._server.start()
         self.url = f"http://{self._host}:{self._server.port}"

@@ -112,10 +112,12 @@ class Supervisor(ReclaimSteps):
             requeued = self.store.requeue_expired(time.time(), self.node_id)
             if requeued:
                 logger.warning("Requeued %d job(s) whose lease expired while no node held them: %s", len(requeued), requeued)
+            # The HTTP endpoint starts before the wake-up socket is bound,
+            # since launchers take the socket as the sign that the node serves.
+            self.endpoint.start()
             if self.store_path is not None:
                 self._listener = Listener(self.store_path, NODE)
             self._renewer = self._start_renewer()
-            self.endpoint.start()
             logger.info(
                 "Node ready node=%s slots=%d interactive_workers=%d background_workers=%d scheduling=%s suspend=%s",
                 self.node_id, self.slots, self._pool_size(INTERACTIVE_POOL), self._pool_size(BACKGROUND_POOL),

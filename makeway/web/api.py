@@ -10,21 +10,26 @@ import hmac
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
-from makeway.errors import UnknownJobError
+from makeway.errors import MakewayError, UnknownJobError
 from makeway.observe.metrics import read_pressure
 from makeway.observe.top import WINDOW_S, take_snapshot
 from makeway.policy import Settings
 from makeway.store import JobState, Store
 from makeway.store.base import Event
 from makeway.store.wakeup import CONTROL_HINT, NODE, notify
+
+if TYPE_CHECKING:
+    from makeway.app import App
 
 MAX_LIST = 1000
 STATIC_DIR = Path(__file__).parent / "static"
@@ -77,6 +82,26 @@ class StatsOut(BaseModel):
     pressure: dict[str, float]
 
 
+class SubmitIn(BaseModel):
+    """A job to queue: a registered job name, its arguments as JSON, and per-call options."""
+
+    name: str
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    tier: str | None = None
+    priority: int | None = None
+    max_retries: int | None = None
+    delay_s: float | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] = {}
+    timeout: float | None = None
+
+
+class SubmitOut(BaseModel):
+    id: str
+    state: str
+
+
 class ChangeOut(BaseModel):
     target: str
     state: str
@@ -94,9 +119,21 @@ def _summary(record) -> JobSummary:
 
 
 def create_api(store: Store, settings: Settings, token: str,
-               registries: Callable[[], Iterable[CollectorRegistry]] | None = None) -> FastAPI:
-    """Build the app. `registries` returns the Prometheus registries that /metrics exposes."""
+               registries: Callable[[], Iterable[CollectorRegistry]] | None = None, app: App | None = None) -> FastAPI:
+    """Build the app. `registries` returns the Prometheus registries that /metrics exposes; `app`, whose job
+    functions check a submission's arguments, enables POST /api/jobs."""
     api = FastAPI(title="makeway", summary="Jobs, tiers and events of a makeway store", version="1")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette lists only the methods of the first route whose path
+            # matches; a path with a GET and a POST route needs both.
+            methods = {method for route in api.routes if isinstance(route, Route)
+                       and route.path_regex.match(request.url.path) for method in (route.methods or ())}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     def require_token(request: Request) -> None:
         header = request.headers.get("authorization", "")
@@ -180,6 +217,29 @@ def create_api(store: Store, settings: Settings, token: str,
         if not outcome.state.is_final:
             wake_nodes()
         return ChangeOut(target=job_id, state=outcome.state.value, changed=outcome.applied)
+
+    @api.post("/api/jobs", response_model=SubmitOut, status_code=201, dependencies=[Depends(require_token)],
+              responses={400: {"description": "the body is not valid JSON"},
+                         401: {"description": "missing or wrong token"}, 404: {"description": "unknown job name"},
+                         422: {"description": "invalid arguments or options"},
+                         503: {"description": "no app to check submissions against"}})
+    def submit_job(request: SubmitIn) -> SubmitOut:
+        """Queue a job of a registered function; arguments are JSON and are checked against its signature."""
+        if app is None:
+            raise HTTPException(status_code=503, detail="this endpoint has no app to check jobs against; serve it "
+                                                        "from a node (--http) or run makeway dashboard --app")
+        try:
+            function = app.function(request.name)
+        except UnknownJobError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        options = {key: value for key, value in request.model_dump().items()
+                   if key not in ("name", "args", "kwargs") and value not in (None, {})}
+        try:
+            handle = function.options(**options).submit(*request.args, **request.kwargs)
+        except MakewayError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        wake_nodes()
+        return SubmitOut(id=handle.id, state=store.get(handle.id).state.value)
 
     def set_paused(target: str, paused: bool) -> ChangeOut:
         now = time.time()
