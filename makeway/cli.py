@@ -227,8 +227,8 @@ def _job_details(record, events) -> dict[str, Any]:
         "result": record.result.decode("utf-8", "replace") if record.result is not None and record.serializer == "json"
         else None,
         # A job that failed, retried and then succeeded keeps the error of its
-        # last failed attempt; the label says so, rather than present it as
-        # the job's current state.
+        # last failed attempt. The key names it as such, so that it does not
+        # read as the job's current state.
         "error" if record.state in (JobState.FAILED, JobState.CANCELLED) else "last_failed_attempt_error": record.error,
     }
 
@@ -500,7 +500,7 @@ def _event_line(event) -> str:
 def events(
     job: Optional[str] = typer.Option(None, "--job", help="Only events of this job id."),
     tier: Optional[str] = typer.Option(None, "--tier", help="Only events of jobs of this tier."),
-    since: Optional[str] = typer.Option(None, "--since", help="Only events after this: 90s, 5m, 2h, 1d, or an ISO "
+    since: Optional[str] = typer.Option(None, "--since", help="Only events at or after this: 90s, 5m, 2h, 1d, or an ISO "
                                                               "8601 time with a time zone."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until Ctrl-C."),
     limit: int = typer.Option(200, "--limit", help="Events to print at most (before --follow)."),
