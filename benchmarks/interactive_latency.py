@@ -196,8 +196,8 @@ def _spread(values: list[float]) -> dict | None:
 def _pooled_p99_ratio(phases: list[dict], alone_phases: list[dict]) -> float | None:
     """Return the p99 of all repeats' samples of a phase over the p99 of all interactive-alone samples.
 
-    One p99 of 1000 samples rests on its 10 slowest; pooling the repeats
-    puts it on 10 times the repeat count, so one bad minute of the machine
+    One p99 of 1000 samples rests on its 10 slowest samples. Pooling the
+    repeats puts it on 10 times the repeat count, so one bad minute of the machine
     moves it less than it moves the per-repeat ratios.
     """
     loaded = [value for phase in phases if phase["latency_ms"] for value in phase["latencies_s"]]

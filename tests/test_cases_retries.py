@@ -20,12 +20,12 @@ pytestmark = pytest.mark.timeout(120)
 def _max_in_window(times: list[float], width_s: float) -> int:
     """Return the maximum count of `times` in any half-open window [t, t + width_s)."""
     ordered = sorted(times)
-    most, low = 0, 0
+    largest, low = 0, 0
     for high, at in enumerate(ordered):
         while ordered[low] <= at - width_s:
             low += 1
-        most = max(most, high - low + 1)
-    return most
+        largest = max(largest, high - low + 1)
+    return largest
 
 
 class FlakyDependency:

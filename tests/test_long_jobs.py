@@ -386,7 +386,7 @@ def test_transaction_of_stale_attempt_writes_nothing(app):
     assert app.store.get(handle.id).checkpoint is None
 
 
-def test_transaction_with_result_completes_once_even_when_killed_after(app, start_node):
+def test_transaction_result_survives_worker_kill(app, start_node):
     import os
     import signal
     import sqlite3

@@ -28,7 +28,7 @@ from makeway.store import open_store
 logger = logging.getLogger(__name__)
 
 # A held lease: (job id, attempt, monotonic time of its claim).
-Held = tuple[str, int, float]
+HeldLease = tuple[str, int, float]
 
 
 class LeaseRenewer:
@@ -42,7 +42,7 @@ class LeaseRenewer:
     """
 
     def __init__(self, store_url: str, lease_s: float, interval_s: float,
-                 held: Callable[[], Sequence[Held]], on_lost: Callable[[], None] | None = None,
+                 held: Callable[[], Sequence[HeldLease]], on_lost: Callable[[], None] | None = None,
                  on_expiring: Callable[[list[tuple[str, int]]], None] | None = None):
         # A renewal waits for the write lock at most one interval, so the
         # expiry check below still runs while another writer holds the store.
@@ -78,7 +78,7 @@ class LeaseRenewer:
             lost.append(self._lost.popleft())
         return lost
 
-    def renew(self, held: Sequence[Held] | None = None) -> list[tuple[str, int]]:
+    def renew(self, held: Sequence[HeldLease] | None = None) -> list[tuple[str, int]]:
         """Renew once now; return the leases that were lost."""
         held = list(self._held()) if held is None else held
         sent = time.monotonic()
@@ -89,7 +89,7 @@ class LeaseRenewer:
         self.renewals += 1
         return lost
 
-    def expiring(self, held: Sequence[Held], now: float) -> list[tuple[str, int]]:
+    def expiring(self, held: Sequence[HeldLease], now: float) -> list[tuple[str, int]]:
         """Return the held leases that end within the margin, counted from their last renewal or their claim."""
         current = {(job_id, attempt) for job_id, attempt, _ in held}
         for pair in [pair for pair in self._valid_until if pair not in current]:

@@ -105,6 +105,14 @@ class NodeMetrics:
                     self.registry.unregister(value)
                     setattr(self, name, _Disabled())
 
+def _family(kind, name: str, documentation: str, values: dict[tuple[str, ...], float], labels: list[str]):
+    """Build a metric family of `kind` with one sample per label tuple in `values`, in sorted order."""
+    family = kind(name, documentation, labels=labels)
+    for label_values, value in sorted(values.items()):
+        family.add_metric(list(label_values), value)
+    return family
+
+
 class NodeStateCollector(Collector):
     """Collect this node's jobs per tier and its background budget at scrape time, from `read()`.
 
@@ -117,16 +125,10 @@ class NodeStateCollector(Collector):
 
     def collect(self) -> Iterable:
         running, suspended, slots, stopped = self._read()
-        family = GaugeMetricFamily("makeway_running_jobs", "Jobs running (not suspended) on this node, by tier",
-                                   labels=["tier"])
-        for tier, count in sorted(running.items()):
-            family.add_metric([tier], count)
-        yield family
-        family = GaugeMetricFamily("makeway_suspended_jobs", "Jobs suspended or parked on this node, by tier",
-                                   labels=["tier"])
-        for tier, count in sorted(suspended.items()):
-            family.add_metric([tier], count)
-        yield family
+        yield _family(GaugeMetricFamily, "makeway_running_jobs", "Jobs running (not suspended) on this node, by tier",
+                      {(tier,): count for tier, count in running.items()}, ["tier"])
+        yield _family(GaugeMetricFamily, "makeway_suspended_jobs", "Jobs suspended or parked on this node, by tier",
+                      {(tier,): count for tier, count in suspended.items()}, ["tier"])
         yield GaugeMetricFamily("makeway_background_slots",
                                 "Background slots of this node: the budget of the background tiers", value=slots)
         yield GaugeMetricFamily("makeway_background_slots_stopped",
@@ -149,20 +151,12 @@ class StoreCollector(Collector):
         except Exception as exc:  # noqa: BLE001 - a failed scrape must not take the endpoint down
             logger.warning("Reading store figures for /metrics failed: %s", exc)
             return
-        jobs = GaugeMetricFamily("makeway_store_jobs", "Jobs in the store, by tier and state", labels=["tier", "state"])
-        for (tier, state), count in sorted(states.items()):
-            jobs.add_metric([tier, state], count)
-        yield jobs
-        due = GaugeMetricFamily("makeway_backlog", "Queued jobs that are due now (not delayed), by tier",
-                                labels=["tier"])
-        for tier, count in sorted(backlog.items()):
-            due.add_metric([tier], count)
-        yield due
-        total = CounterMetricFamily("makeway_store_submitted", "Jobs ever submitted to the store, by tier",
-                                    labels=["tier"])
-        for tier, count in sorted(submitted.items()):
-            total.add_metric([tier], count)
-        yield total
+        yield _family(GaugeMetricFamily, "makeway_store_jobs", "Jobs in the store, by tier and state", states,
+                      ["tier", "state"])
+        yield _family(GaugeMetricFamily, "makeway_backlog", "Queued jobs that are due now (not delayed), by tier",
+                      {(tier,): count for tier, count in backlog.items()}, ["tier"])
+        yield _family(CounterMetricFamily, "makeway_store_submitted", "Jobs ever submitted to the store, by tier",
+                      {(tier,): count for tier, count in submitted.items()}, ["tier"])
 
 
 PRESSURE_DIR = Path("/proc/pressure")

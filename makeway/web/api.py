@@ -137,8 +137,8 @@ def create_api(store: Store, settings: Settings, token: str,
 
     def require_token(request: Request) -> None:
         header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
             raise HTTPException(status_code=401, detail="missing or wrong token; send 'Authorization: Bearer TOKEN'",
                                 headers={"WWW-Authenticate": "Bearer"})
 

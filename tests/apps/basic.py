@@ -384,7 +384,7 @@ def gil_for(seconds):
 
 @app.job(tier="bulk", max_retries=0)
 def blocking_read(seconds):
-    """Block in one recv() on a socket nobody writes to, for `seconds`."""
+    """Block in one recv() on a socket that no process writes to, for `seconds`."""
     import socket
 
     left, right = socket.socketpair()
