@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Sequence
 
@@ -40,21 +41,41 @@ from makeway.scheduler.preemption import PreemptionState, RunningJob, plan_suspe
 from makeway.scheduler.retry import retry_delay_s
 from makeway.scheduler.slicing import TIME_SLICE
 from makeway.store import JobState, open_store
-from makeway.store.base import Usage
+from makeway.store.base import SuspensionChange, Usage
 from makeway.store.wakeup import CONTROL_HINT, NODE, WAITER, Listener, notify
 
 logger = logging.getLogger(__name__)
 
 FIFO_POOL = "fifo"
 WORKER_START_TIMEOUT_S = 60.0
-# While a SIGSTOP has not yet taken effect, the loop re-checks after half the
-# time waited so far, within these bounds. A niced worker on busy cores may
-# take tens of milliseconds to be scheduled and stop, and checking it at a
-# fixed fast rate would take CPU from the interactive job meanwhile.
-STOP_CONFIRM_MIN_INTERVAL_S = 0.0005
-STOP_CONFIRM_MAX_INTERVAL_S = 0.01
+# A worker that stops sends the supervisor SIGCHLD, which wakes the loop, so
+# a stop is confirmed as soon as it takes effect. While one is pending, the
+# loop also re-checks after half the time waited so far, within these bounds,
+# in case the signal was lost. A niced worker on busy cores may take tens of
+# milliseconds to be scheduled and stop, and checking it at a fast rate would
+# take CPU from the interactive job meanwhile.
+STOP_CONFIRM_MIN_INTERVAL_S = 0.005
+STOP_CONFIRM_MAX_INTERVAL_S = 0.05
+# Bookkeeping that waits while an interactive job runs, so that the job's
+# result is not queued behind it: store writes of suspensions, and dispatch of
+# background jobs (which suspension would stop at once). Neither waits longer.
+DEFERRED_WORK_MAX_DELAY_S = 0.05
 # How often a node deletes jobs past jobs.retention_s.
 PURGE_INTERVAL_S = 60.0
+
+
+@dataclass
+class _PendingSuspension:
+    """Stops that took effect and wait to be stored: (worker, its assignment, parked reason) each."""
+
+    workers: list[tuple[WorkerHandle, Assignment, str | None]]
+    sent_at: float
+    detail: str
+    recorded_at: float  # monotonic
+
+
+def _on_child_signal(signum: int, frame) -> None:
+    """Do nothing: the wake-up fd has already woken the loop, which checks its workers."""
 
 
 class NodeStartError(RuntimeFault):
@@ -97,6 +118,8 @@ class Supervisor(ReclaimSteps):
         self._paused_jobs: set[str] = set()
         self._listener: Listener | None = None
         self._signal_reader, self._signal_writer = socket.socketpair()
+        self._pending_suspensions: list[_PendingSuspension] = []
+        self._background_due_since: float | None = None
         self._renewer: LeaseRenewer | None = None
         self.endpoint = NodeEndpoint(self)
         self._woken_by = "poll"
@@ -133,6 +156,9 @@ class Supervisor(ReclaimSteps):
         signal.set_wakeup_fd(self._signal_writer.fileno())
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_stop_signal)
+        # The wake-up fd is written for every handled signal: a worker that
+        # stops (or ends) wakes the loop at once, without polling /proc.
+        signal.signal(signal.SIGCHLD, _on_child_signal)
 
     def _held_leases(self) -> list[tuple[str, int, float]]:
         """Return (job id, attempt, claim time) of every job this node runs; called from the lease renewal thread."""
@@ -211,6 +237,7 @@ class Supervisor(ReclaimSteps):
         """Let running jobs finish within the grace period, then requeue the rest."""
         logger.info("Node stopping node=%s; waiting up to %.1f s for running jobs", self.node_id,
                     self.settings.node.shutdown_grace_s)
+        self._flush_suspensions()
         for worker in self.workers:
             if worker.held_stopped and worker.resume() and worker.assignment:
                 self._record_resumed([worker], "shutdown")
@@ -248,6 +275,7 @@ class Supervisor(ReclaimSteps):
         self.endpoint.stop()
         if self._listener is not None:
             self._listener.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         self.store.close()
         logger.info("Node stopped node=%s", self.node_id)
@@ -277,6 +305,10 @@ class Supervisor(ReclaimSteps):
             limit_at = self._limit_due_at(worker, now)
             if limit_at is not None:
                 deadlines.append(limit_at)
+        if self._pending_suspensions:
+            deadlines.append(self._pending_suspensions[0].recorded_at + DEFERRED_WORK_MAX_DELAY_S)
+        if self._background_due_since is not None:
+            deadlines.append(self._background_due_since + DEFERRED_WORK_MAX_DELAY_S)
         timeout_s = max(0.0, min(deadlines) - now)
         return wait(self._wait_objects(), timeout=timeout_s)
 
@@ -312,6 +344,7 @@ class Supervisor(ReclaimSteps):
         self._confirm_stops()
         self._enforce_limits()
         self._advance_reclaims()
+        self._do_deferred_work()
         if time.monotonic() >= self._next_heartbeat_at:
             self._heartbeat()
             self._next_heartbeat_at = time.monotonic() + self.settings.node.heartbeat_s
@@ -406,6 +439,9 @@ class Supervisor(ReclaimSteps):
                 self._next_plan_check_at = time.monotonic()
 
     def _finish(self, worker: WorkerHandle, job_id: str, attempt: int, kind: str, result, error, traceback) -> None:
+        if worker.pool != INTERACTIVE_POOL:
+            # The job's suspension must be stored before its outcome.
+            self._flush_suspensions()
         job, reclaim = worker.assignment, worker.reclaim
         usage = self._usage(worker, completed=kind == OK) if job is not None else None
         self._release_worker(worker)
@@ -554,6 +590,7 @@ class Supervisor(ReclaimSteps):
                 self._mark_dead(worker)
             if not worker.dead:
                 continue
+            self._flush_suspensions()
             self.workers.remove(worker)
             self.metrics.workers_lost.labels(worker.pool).inc()
             job = worker.assignment
@@ -612,7 +649,29 @@ class Supervisor(ReclaimSteps):
             self._fill_pool(FIFO_POOL, self._tiers_of(FIFO_POOL))
             return
         self._interactive_queued = self._fill_pool(INTERACTIVE_POOL, self._tiers_of(INTERACTIVE_POOL))
+        if self._interactive_running():
+            if self._background_due_since is None:
+                self._background_due_since = time.monotonic()
+            return
         self._fill_background(self._tiers_of(BACKGROUND_POOL))
+        self._background_due_since = None
+
+    def _interactive_running(self) -> bool:
+        return any(w.pool == INTERACTIVE_POOL and w.assignment is not None and not w.dead for w in self.workers)
+
+    def _do_deferred_work(self) -> None:
+        """Do what waited for the interactive pool to empty, or for DEFERRED_WORK_MAX_DELAY_S."""
+        now = time.monotonic()
+        interactive_running = self._interactive_running()
+        if self._pending_suspensions and (
+            not interactive_running or now - self._pending_suspensions[0].recorded_at >= DEFERRED_WORK_MAX_DELAY_S
+        ):
+            self._flush_suspensions()
+        if self._background_due_since is not None and (
+            not interactive_running or now - self._background_due_since >= DEFERRED_WORK_MAX_DELAY_S
+        ):
+            self._background_due_since = None
+            self._fill_background(self._tiers_of(BACKGROUND_POOL))
 
     def _tiers_of(self, pool: str) -> list[str]:
         return [name for name, tier in self.tiers.items()
@@ -781,29 +840,40 @@ class Supervisor(ReclaimSteps):
             self._record_suspended(suspended)
 
     def _record_suspended(self, workers: list[WorkerHandle]) -> None:
+        """Note stops that took effect; their store write waits (see _do_deferred_work)."""
         # The event's time is when SIGSTOP was sent: the kernel stops the worker
         # before it next returns to user mode, so the job makes no progress
         # after that. The delay until the stop was seen goes in the detail.
-        # One write for the whole batch keeps store time off the interactive
-        # job's path; the signals of one batch go out microseconds apart.
+        # The signals of one batch go out microseconds apart, so one event
+        # time serves them all.
         sent_at = min(worker.stop_sent_at for worker in workers)
         detail = f"{self._suspension_cause(workers)}; stop confirmed after {1000 * (time.time() - sent_at):.2f} ms"
-        jobs = [(worker.assignment.job_id, worker.assignment.attempt) for worker in workers]
-        self.store.set_suspended(jobs, True, "preempted", self.node_id, sent_at, detail)
-        for worker in workers:
-            if worker.spans is not None:
-                worker.spans.suspended(sent_at)
-            job = worker.assignment
-            self.metrics.preemptions.labels("suspend", job.tier).inc()
-            if worker.parked:
-                logger.info("Suspended job=%s tier=%s attempt=%d pid=%d: parked (%s)", job.job_id, job.tier,
-                            job.attempt, worker.pid, worker.parked_reason)
-                continue
-            logger.info(
-                "Suspended job=%s tier=%s attempt=%d pid=%d to free its slot for interactive work. "
-                "It resumes when interactive work has drained for %.3f s.",
-                job.job_id, job.tier, job.attempt, worker.pid, self.policy.suspend_hold_s,
-            )
+        entries = [(worker, worker.assignment, worker.parked_reason) for worker in workers]
+        self._pending_suspensions.append(_PendingSuspension(entries, sent_at, detail, time.monotonic()))
+
+    def _flush_suspensions(self, resumed: SuspensionChange | None = None) -> None:
+        """Store the noted suspensions, then `resumed`, in one transaction, and count and log them."""
+        pending, self._pending_suspensions = self._pending_suspensions, []
+        changes = [SuspensionChange([(job.job_id, job.attempt) for _, job, _ in entry.workers], True, "preempted",
+                                    entry.sent_at, entry.detail) for entry in pending]
+        if resumed is not None and resumed.jobs:
+            changes.append(resumed)
+        if changes:
+            self.store.record_suspensions(changes, self.node_id)
+        for entry in pending:
+            for worker, job, parked_reason in entry.workers:
+                if worker.spans is not None and worker.assignment is job:
+                    worker.spans.suspended(entry.sent_at)
+                self.metrics.preemptions.labels("suspend", job.tier).inc()
+                if parked_reason is not None:
+                    logger.info("Suspended job=%s tier=%s attempt=%d pid=%d: parked (%s)", job.job_id, job.tier,
+                                job.attempt, worker.pid, parked_reason)
+                else:
+                    logger.info(
+                        "Suspended job=%s tier=%s attempt=%d pid=%d to free its slot for interactive work. "
+                        "It resumes when interactive work has drained for %.3f s.",
+                        job.job_id, job.tier, job.attempt, worker.pid, self.policy.suspend_hold_s,
+                    )
 
     def _suspension_cause(self, workers: list[WorkerHandle]) -> str:
         """Return why `workers` were stopped, for the event: the interactive jobs they make way for, or parking."""
@@ -828,7 +898,8 @@ class Supervisor(ReclaimSteps):
         elif reason == "resumed":
             detail = f"no interactive work for {self.policy.suspend_hold_s:g} s"
         resumed_at = time.time()
-        self.store.set_suspended(jobs, False, reason, self.node_id, resumed_at, detail)
+        # Suspensions still waiting to be stored go first, in the same transaction.
+        self._flush_suspensions(SuspensionChange(jobs, False, reason, resumed_at, detail))
         for worker in workers:
             if worker.spans is not None:
                 worker.spans.resumed(resumed_at)

@@ -115,6 +115,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class SuspensionChange:
+    """Jobs that were suspended (or resumed) together, for one event each."""
+
+    jobs: Sequence[tuple[str, int]]  # (job id, attempt)
+    suspended: bool
+    reason: str
+    at: float
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A queued job the scheduler may claim, with what ranking needs."""
 
@@ -241,6 +252,8 @@ class Store(Protocol):
         self, jobs: Sequence[tuple[str, int]], suspended: bool, reason: str, node_id: str, now: float,
         detail: str | None = None,
     ) -> int: ...
+
+    def record_suspensions(self, changes: Sequence[SuspensionChange], node_id: str) -> int: ...
 
     def lose_worker(self, job_id: str, attempt: int, error: str, node_id: str, now: float, max_losses: int,
                     usage: Usage | None = None) -> Outcome: ...

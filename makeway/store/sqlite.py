@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from makeway.errors import StoreError, UnknownJobError, UsageError
-from makeway.store.base import PREEMPTION_REASONS, AttemptError, Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, Usage
+from makeway.store.base import (
+    PREEMPTION_REASONS, AttemptError, Candidate, Claim, Event, JobRecord, JobState, NewJob, Outcome, SuspensionChange,
+    Usage,
+)
 
 BUSY_TIMEOUT_S = 30.0
 # A connection without a background checkpointer (a client) checkpoints
@@ -773,20 +776,30 @@ class SQLiteStore:
         detail: str | None = None,
     ) -> int:
         """Move running jobs to suspended (or back), fenced by attempt; return how many moved."""
-        from_state, to_state = (
-            (JobState.RUNNING.value, JobState.SUSPENDED.value) if suspended
-            else (JobState.SUSPENDED.value, JobState.RUNNING.value)
-        )
+        return self.record_suspensions([SuspensionChange(jobs, suspended, reason, now, detail)], node_id)
+
+    def record_suspensions(self, changes: Sequence[SuspensionChange], node_id: str) -> int:
+        """Apply suspensions and resumptions in order, in one transaction; return how many jobs moved.
+
+        Each change is fenced by attempt and by the state it leaves, so one
+        that arrives after the job ended or was claimed again changes nothing.
+        """
         moved = 0
         with self._write() as db:
-            for job_id, attempt in jobs:
-                cursor = db.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = ?",
-                    (to_state, now, job_id, attempt, from_state),
+            for change in changes:
+                from_state, to_state = (
+                    (JobState.RUNNING.value, JobState.SUSPENDED.value) if change.suspended
+                    else (JobState.SUSPENDED.value, JobState.RUNNING.value)
                 )
-                if cursor.rowcount:
-                    moved += 1
-                    self._event(db, job_id, now, from_state, to_state, reason, node_id, attempt, detail)
+                for job_id, attempt in change.jobs:
+                    cursor = db.execute(
+                        "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND attempt = ? AND state = ?",
+                        (to_state, change.at, job_id, attempt, from_state),
+                    )
+                    if cursor.rowcount:
+                        moved += 1
+                        self._event(db, job_id, change.at, from_state, to_state, change.reason, node_id, attempt,
+                                    change.detail)
         return moved
 
     def renew_leases(self, jobs: Sequence[tuple[str, int]], lease_expires_at: float) -> list[tuple[str, int]]:
