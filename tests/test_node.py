@@ -91,6 +91,35 @@ def test_suspended_worker_uses_no_cpu(app, start_node):
         assert app.store.get(handle.id).attempt == 1
 
 
+def test_interactive_result_stored_before_its_suspension_records(app, start_node):
+    """The suspensions an interactive job causes are stored after its result, so they never delay it."""
+    start_node()
+    bulk = [basic.spin.submit(5.0) for _ in range(2)]
+    wait_until(lambda: all(state is JobState.RUNNING for state in states_of(app, bulk)), message="bulk jobs running")
+
+    def resumed_after(job_id, at):
+        return any(event.reason == "resumed" and event.at > at for event in app.store.query_events(job_id=job_id))
+
+    for _ in range(3):
+        # The job sleeps, so the stopped bulk workers get a core to stop on at
+        # once; the store write waits for the result, at most 50 ms.
+        interactive = basic.interactive_sleep.submit(0.015)
+        interactive.result(timeout=20)
+        events = app.store.query_events(job_id=interactive.id)
+        submitted, done = events[0], events[-1]
+        assert done.to_state == "succeeded"
+        # Resumed after the hold, so the next job stops them again.
+        wait_until(lambda: all(resumed_after(handle.id, done.at) for handle in bulk), message="bulk jobs resumed")
+        for handle in bulk:
+            stops = [event for event in app.store.query_events(job_id=handle.id)
+                     if event.reason == "preempted" and submitted.at <= event.at <= done.at]
+            assert len(stops) == 1
+            # Sent while the job waited or ran, written after its result.
+            assert stops[0].id > done.id
+    for handle in bulk:
+        assert app.store.get(handle.id).attempt == 1
+
+
 def test_killed_worker_job_requeued(app, tmp_path, start_node):
     node = start_node()
     workers_before = len(worker_pids(node))

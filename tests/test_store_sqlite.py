@@ -10,7 +10,7 @@ import pytest
 
 from makeway.errors import MakewayError, StoreError
 from makeway.store import JobState, NewJob, Outcome, open_store
-from makeway.store.base import Usage
+from makeway.store.base import SuspensionChange, Usage
 from makeway.store.sqlite import MIGRATIONS
 
 NODE = "node-a"
@@ -390,6 +390,24 @@ def test_set_suspended_stale_attempt_ignored(store, stale):
 
     assert store.set_suspended([(job_id, attempt)], True, "preempted", NODE, 1003.0) == 0
     assert store.get(job_id).state is JobState.RUNNING
+
+
+def test_record_suspensions_applies_changes_in_order(store, stale):
+    job_id, _ = stale
+    store.submit([new_job("b")])
+    claim(store, "b", now=1002.5)
+
+    moved = store.record_suspensions([
+        SuspensionChange([(job_id, 2), ("b", 1)], True, "preempted", 1003.0, "for interactive job x"),
+        SuspensionChange([(job_id, 2)], False, "resumed", 1004.0),
+        SuspensionChange([(job_id, 1)], True, "preempted", 1005.0),
+    ], NODE)
+
+    assert moved == 3
+    assert store.get(job_id).state is JobState.RUNNING
+    assert store.get("b").state is JobState.SUSPENDED
+    events = [(event.reason, event.at, event.attempt) for event in store.events(job_id)][-2:]
+    assert events == [("preempted", 1003.0, 2), ("resumed", 1004.0, 2)]
 
 
 def test_set_suspended_and_resume(store, stale):

@@ -340,11 +340,13 @@ class Supervisor(ReclaimSteps):
             self.metrics.dispatch_wakeups.labels(self._woken_by).inc()
             self._dispatch()
             self._next_poll_at = time.monotonic() + self.settings.node.poll_interval_s
+        # Before the plan, so that a background job claimed here is stopped
+        # in this step if interactive work still runs.
+        self._do_deferred_work()
         self._preempt()
         self._confirm_stops()
         self._enforce_limits()
         self._advance_reclaims()
-        self._do_deferred_work()
         if time.monotonic() >= self._next_heartbeat_at:
             self._heartbeat()
             self._next_heartbeat_at = time.monotonic() + self.settings.node.heartbeat_s
