@@ -848,3 +848,24 @@ def test_locked_store_error_names_file_after_timeout(store, db_path):
         holder.close()
         impatient.close()
     assert store.get("blocked") is None
+
+
+def test_write_waits_for_another_writer_then_lands(store, db_path):
+    import threading
+
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE jobs SET priority = priority")
+    releaser = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    releaser.start()
+    try:
+        started = time.monotonic()
+        store.submit([new_job("waited")])
+        waited_s = time.monotonic() - started
+    finally:
+        releaser.join()
+        holder.close()
+
+    assert store.get("waited").state is JobState.QUEUED
+    # It waited for the other writer rather than failing, and well within its busy timeout.
+    assert 0.25 <= waited_s < 10
