@@ -91,7 +91,7 @@ def test_suspended_worker_uses_no_cpu(app, start_node):
         assert app.store.get(handle.id).attempt == 1
 
 
-def test_interactive_result_stored_before_its_suspension_records(app, start_node):
+def test_result_stored_before_suspension_records(app, start_node):
     """The suspensions an interactive job causes are stored after its result, so they never delay it."""
     start_node()
     bulk = [basic.spin.submit(5.0) for _ in range(2)]
@@ -101,8 +101,8 @@ def test_interactive_result_stored_before_its_suspension_records(app, start_node
         return any(event.reason == "resumed" and event.at > at for event in app.store.query_events(job_id=job_id))
 
     for _ in range(3):
-        # The job sleeps, so the stopped bulk workers get a core to stop on at
-        # once; the store write waits for the result, at most 50 ms.
+        # The job sleeps, so the bulk workers get a core to stop on at once.
+        # Their suspensions are stored after its result (at most 50 ms later).
         interactive = basic.interactive_sleep.submit(0.015)
         interactive.result(timeout=20)
         events = app.store.query_events(job_id=interactive.id)

@@ -850,7 +850,7 @@ def test_locked_store_error_names_file_after_timeout(store, db_path):
     assert store.get("blocked") is None
 
 
-def test_write_waits_for_another_writer_then_lands(store, db_path):
+def test_write_waits_for_other_writer(store, db_path):
     import threading
 
     holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)

@@ -25,10 +25,10 @@ from makeway.store.base import (
 )
 
 BUSY_TIMEOUT_S = 30.0
-# SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries, so
-# a lock held for 0.3 ms costs a waiter 1 ms and one held for 1.5 ms costs
-# 3 ms: most of an interactive job's latency. Connections of this store wait
-# for locks themselves instead, first for 50 us, doubling up to 2 ms.
+# SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries
+# (sqliteDefaultBusyCallback in its main.c). A lock held for 0.3 ms then
+# costs a waiter 1 ms, a large part of an interactive job's latency. So this
+# store waits for locks itself: first 50 us, doubling up to 2 ms.
 LOCK_RETRY_FIRST_S = 0.00005
 LOCK_RETRY_MAX_S = 0.002
 # A connection without a background checkpointer (a client) checkpoints
