@@ -48,17 +48,13 @@ logger = logging.getLogger(__name__)
 
 FIFO_POOL = "fifo"
 WORKER_START_TIMEOUT_S = 60.0
-# A worker that stops sends the supervisor SIGCHLD, which wakes the loop, so
-# a stop is confirmed as soon as it takes effect. While one is pending, the
-# loop also re-checks after half the time waited so far, within these bounds,
-# in case the signal was lost. A niced worker on busy cores may take tens of
-# milliseconds to be scheduled and stop, and checking it at a fast rate would
-# take CPU from the interactive job meanwhile.
+# A worker that stops sends SIGCHLD, which wakes the loop, so a stop is seen
+# as soon as it takes effect. In case a signal is missed, a pending stop is
+# also re-checked after half the time waited so far, within these bounds.
 STOP_CONFIRM_MIN_INTERVAL_S = 0.005
 STOP_CONFIRM_MAX_INTERVAL_S = 0.05
-# Bookkeeping that waits while an interactive job runs, so that the job's
-# result is not queued behind it: store writes of suspensions, and dispatch of
-# background jobs (which suspension would stop at once). Neither waits longer.
+# Suspension writes and background dispatch wait while an interactive job
+# runs, so that its result is not queued behind them, but no longer than this.
 DEFERRED_WORK_MAX_DELAY_S = 0.05
 # How often a node deletes jobs past jobs.retention_s.
 PURGE_INTERVAL_S = 60.0

@@ -309,9 +309,13 @@ class SQLiteStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            # In WAL mode a commit takes no further lock; in a rollback journal
+            # In WAL mode a commit takes no further lock. In a rollback journal
             # (a file system without shared memory) it waits for readers.
-            self._retry_locked(lambda: self._db.execute("COMMIT"))
+            try:
+                self._retry_locked(lambda: self._db.execute("COMMIT"))
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
