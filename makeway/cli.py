@@ -99,6 +99,13 @@ def _open_store(store: str | None, config: str | None):
     return open_store(resolve_store_url(store, settings.store), create=False)
 
 
+def _int_or_text(value: str) -> int | str:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 @cli.command()
 def node(
     app: str = typer.Option(..., "--app", help="The App to serve, as package.module:attribute."),
@@ -107,6 +114,9 @@ def node(
     suspend: Optional[str] = typer.Option(None, "--suspend", help="Override policy.suspend: all, as-needed or off."),
     scheduling: Optional[str] = typer.Option(None, "--scheduling", help="Override policy.scheduling: tiers or fifo."),
     slots: Optional[int] = typer.Option(None, "--slots", help="Override node.slots (default: CPU cores)."),
+    node_nice: Optional[str] = typer.Option(
+        None, "--node-nice", help="Override policy.node_nice: the supervisor's and interactive workers' nice value "
+                                  "(-20 to 19), or inherit."),
     http: Optional[str] = typer.Option(
         None, "--http", help="Serve /metrics and the JSON API on HOST:PORT (overrides http.listen), for example "
                              "127.0.0.1:8377."),
@@ -129,6 +139,8 @@ def node(
         raw["policy"]["scheduling"] = scheduling
     if slots is not None:
         raw["node"]["slots"] = slots
+    if node_nice is not None:
+        raw["policy"]["node_nice"] = _int_or_text(node_nice)
     if http is not None:
         raw["http"]["listen"] = http
     settings = settings_from_mapping(raw, source="command-line options")

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from makeway.errors import ConfigError, UsageError
 
@@ -131,6 +131,12 @@ class PolicyConfig(_Strict):
     # How long interactive work must have drained before suspended workers resume.
     suspend_hold_s: float = Field(default=0.001, ge=0, le=60)
     min_share_period_s: float = Field(default=1.0, gt=0, le=3600)
+    # CPU nice value of the supervisor and the interactive workers, or
+    # "inherit" to keep the value the node started with. Below 0 the node
+    # reacts to a submission before other normal processes under load. That
+    # needs CAP_SYS_NICE or RLIMIT_NICE; without either the node keeps its
+    # value and logs a warning. Not applied with scheduling = "fifo".
+    node_nice: int | Literal["inherit"] = -5
     background_nice: int = Field(default=19, ge=0, le=19)
     background_ionice: Literal["idle", "best-effort", "none"] = "idle"
     # "idle" runs background workers under SCHED_IDLE instead of the normal
@@ -138,6 +144,13 @@ class PolicyConfig(_Strict):
     # the loaded interactive p99 from 1.24x to 1.00x of idle without
     # suspension in benchmarks/interactive_latency.py on 2 cores.
     background_cpu_policy: Literal["normal", "idle"] = "idle"
+
+    @field_validator("node_nice", mode="before")
+    @classmethod
+    def _nice_or_inherit(cls, value: Any) -> Any:
+        if value == "inherit" or (type(value) is int and -20 <= value <= 19):
+            return value
+        raise ValueError("use an integer from -20 to 19, or 'inherit' to keep the nice value the node started with")
 
 
 class JobDefaults(_Strict):

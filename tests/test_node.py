@@ -305,17 +305,74 @@ def test_concurrent_submitters_all_stored(app, store_url):
     assert len(app.store.jobs()) == 400
 
 
-def test_background_workers_run_sched_idle(app, start_node):
-    node = start_node("[policy]\nbackground_cpu_policy = 'idle'\n")
+def _thread_nice_values(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in psutil.Process(pid).threads()}
+
+
+needs_cap_sys_nice = pytest.mark.skipif(os.geteuid() != 0, reason="a negative nice value needs CAP_SYS_NICE (root)")
+
+
+@needs_cap_sys_nice
+def test_node_nice_reaches_interactive_workers(app, start_node, tmp_path):
+    node = start_node("[policy]\nnode_nice = -3\nbackground_cpu_policy = 'idle'\n")
     bulk = basic.spin.submit(0.5)
     interactive = basic.interactive_sleep.submit(0.01)
     interactive_pid = interactive.result(timeout=20)
     bulk_pid = bulk.result(timeout=20)
 
-    assert os.sched_getscheduler(bulk_pid) == os.SCHED_IDLE
+    # Every supervisor thread, including those started after the change.
+    assert _thread_nice_values(node.pid) == {-3}
+    assert psutil.Process(interactive_pid).nice() == -3
     assert os.sched_getscheduler(interactive_pid) == os.SCHED_OTHER
     assert psutil.Process(bulk_pid).nice() == 19
-    assert node.pid > 0
+    assert os.sched_getscheduler(bulk_pid) == os.SCHED_IDLE
+    assert "nice=-3" in node_log(tmp_path)
+
+
+@needs_cap_sys_nice
+def test_background_nice_zero_applied(app, start_node):
+    start_node("[policy]\nnode_nice = -3\nbackground_nice = 0\nbackground_cpu_policy = 'normal'\n")
+
+    bulk_pid = basic.spin.submit(0.1).result(timeout=20)
+
+    assert psutil.Process(bulk_pid).nice() == 0
+    assert os.sched_getscheduler(bulk_pid) == os.SCHED_OTHER
+
+
+def test_fifo_node_keeps_nice(app, start_node):
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    node = start_node("[policy]\nnode_nice = -3\n", "--scheduling", "fifo")
+
+    bulk_pid = basic.spin.submit(0.1).result(timeout=20)
+
+    assert _thread_nice_values(node.pid) == {own}
+    assert psutil.Process(bulk_pid).nice() == own
+
+
+def test_refused_node_nice_warns():
+    # An unprivileged user (uid 65534) cannot lower its nice value.
+    script = (
+        "import logging, os, threading, time\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "import resource\n"
+        "from makeway.node.priority import set_node_priority\n"
+        "if os.geteuid() == 0:\n"
+        "    os.setuid(65534)  # after the imports: nobody may not read this Python's files\n"
+        "threading.Thread(target=time.sleep, args=(2,), daemon=True).start()\n"
+        "before = os.getpriority(os.PRIO_PROCESS, 0)\n"
+        "after = set_node_priority(before - 5)\n"
+        "values = {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir('/proc/self/task')}\n"
+        "print(before, after, sorted(values))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    before, after, values = done.stdout.split(" ", 2)
+    assert after == before
+    assert values.strip() == f"[{before}]"
+    assert "policy.node_nice" in done.stderr
+    assert "CAP_SYS_NICE" in done.stderr
+    assert "'inherit'" in done.stderr
 
 
 def test_workers_die_with_killed_supervisor(app, start_node, tmp_path):

@@ -128,6 +128,7 @@ def test_unknown_key_rejected(raw, key):
         ({"node": {"slots": 0}}, "node.slots", "0"),
         ({"policy": {"suspend": "sometimes"}}, "policy.suspend", "'sometimes'"),
         ({"jobs": {"max_retries": -1}}, "jobs.max_retries", "-1"),
+        ({"policy": {"node_nice": True}}, "policy.node_nice", "True"),
     ],
 )
 def test_bad_value_names_key_and_value(raw, key, value):

@@ -63,7 +63,8 @@ def run_demo(duration_s: float, rate_per_s: float, workdir: str | None, console:
 def _table(results: list[PhaseResult]) -> Table:
     table = Table(
         title="Interactive latency, submission to result as the client sees it",
-        caption="bulk + makeway: default policy (tiers, suspend all, SCHED_IDLE and nice 19). "
+        caption="bulk + makeway: default policy (tiers, suspend all, background under SCHED_IDLE at nice 19, "
+        "node at nice -5 where permitted). "
         "bulk + FIFO pool: one worker per core, no tiers, no preemption, no OS priority.",
     )
     for column in ("phase", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms", "bulk MB/s", "bulk jobs", "suspends"):

@@ -92,7 +92,7 @@ class WorkerHandle:
     Only the supervisor's thread reads or writes these fields.
     """
 
-    def __init__(self, worker_id: int, pool: str, app_spec: str, nice: int, ionice: str, cpu_policy: str,
+    def __init__(self, worker_id: int, pool: str, app_spec: str, nice: int | None, ionice: str, cpu_policy: str,
                  log_level: int, store_url: str | None = None):
         self.worker_id = worker_id
         self.pool = pool

@@ -31,6 +31,7 @@ from makeway.errors import RuntimeFault
 from makeway.node.endpoint import NodeEndpoint
 from makeway.node.leases import LeaseRenewer
 from makeway.node.pool import Assignment, Reclaim, WorkerHandle
+from makeway.node.priority import INHERIT, set_node_priority
 from makeway.node.reclaim import ReclaimSteps
 from makeway.node.worker import ERROR, INTERRUPTED, INVALID, OK, STALE, YIELDED
 from makeway.observe.metrics import NodeMetrics
@@ -126,6 +127,8 @@ class Supervisor(ReclaimSteps):
     def run(self) -> None:
         """Start workers, serve until a stop signal, then shut down cleanly."""
         self._install_signal_handlers()
+        # Before any worker or thread of the loop starts, so they inherit it.
+        nice = set_node_priority(self.policy.node_nice if self.policy.scheduling == "tiers" else INHERIT)
         try:
             self._start_workers()
             requeued = self.store.requeue_expired(time.time(), self.node_id)
@@ -138,9 +141,10 @@ class Supervisor(ReclaimSteps):
                 self._listener = Listener(self.store_path, NODE)
             self._renewer = self._start_renewer()
             logger.info(
-                "Node ready node=%s slots=%d interactive_workers=%d background_workers=%d scheduling=%s suspend=%s",
+                "Node ready node=%s slots=%d interactive_workers=%d background_workers=%d scheduling=%s suspend=%s "
+                "nice=%d",
                 self.node_id, self.slots, self._pool_size(INTERACTIVE_POOL), self._pool_size(BACKGROUND_POOL),
-                self.policy.scheduling, self.policy.suspend,
+                self.policy.scheduling, self.policy.suspend, nice,
             )
             while not self._stopping:
                 self._step(self._wait_for_input())
@@ -219,7 +223,8 @@ class Supervisor(ReclaimSteps):
             self._next_worker_id,
             pool,
             self.app_spec,
-            nice=self.policy.background_nice if background else 0,
+            # Other workers keep the supervisor's nice value (policy.node_nice).
+            nice=self.policy.background_nice if background else None,
             ionice=self.policy.background_ionice if background else "none",
             cpu_policy=self.policy.background_cpu_policy if background else "normal",
             log_level=self.log_level,

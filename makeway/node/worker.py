@@ -126,28 +126,6 @@ class Channel:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERM)
 
 
-def set_background_priority(nice: int, ionice: str, cpu_policy: str = "normal") -> None:
-    """Lower this process's CPU and I/O priority; children inherit both.
-
-    `cpu_policy` "idle" selects SCHED_IDLE: the kernel runs the process only
-    when no normal process wants the core, and a waking normal process
-    preempts it at once.
-    """
-    import psutil
-
-    if cpu_policy == "idle":
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    if nice:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    if ionice == "none":
-        return
-    io_class = psutil.IOPRIO_CLASS_IDLE if ionice == "idle" else psutil.IOPRIO_CLASS_BE
-    try:
-        psutil.Process().ionice(io_class, value=7 if io_class == psutil.IOPRIO_CLASS_BE else None)
-    except (OSError, psutil.Error) as exc:
-        logging.getLogger(__name__).debug("Cannot set the I/O class %s: %s", ionice, exc)
-
-
 def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when its supervisor dies.
 
@@ -172,7 +150,7 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_policy: str, log_level: int,
+def worker_main(app_spec: str, conn, flag_array, nice: int | None, ionice: str, cpu_policy: str, log_level: int,
                 sys_path: list[str], store_url: str | None = None) -> None:
     # A process group of its own lets the supervisor stop, resume and kill the
     # job together with any child processes the job starts. It also keeps a
@@ -183,7 +161,9 @@ def worker_main(app_spec: str, conn, flag_array, nice: int, ionice: str, cpu_pol
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s")
     sys.path[:0] = [entry for entry in sys_path if entry not in sys.path]
-    set_background_priority(nice, ionice, cpu_policy)
+    from makeway.node.priority import set_worker_priority
+
+    set_worker_priority(nice, ionice, cpu_policy)
 
     from makeway.app import load_app
     from makeway.node.flags import WorkerFlags
