@@ -41,7 +41,10 @@ def set_node_priority(nice: int | str) -> int:
         return current
     try:
         for tid in _thread_ids():
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:
+                pass  # the thread ended after the listing
     except PermissionError:
         for tid in _thread_ids():
             try:
