@@ -134,7 +134,7 @@ class PolicyConfig(_Strict):
     # CPU nice value of the supervisor and the interactive workers, or
     # "inherit" to keep the value the node started with. Below 0 the node
     # reacts to a submission before other normal processes under load. That
-    # needs CAP_SYS_NICE or RLIMIT_NICE; without either the node keeps its
+    # needs CAP_SYS_NICE or RLIMIT_NICE. Without either, the node keeps its
     # value and logs a warning. Not applied with scheduling = "fifo".
     node_nice: int | Literal["inherit"] = -5
     background_nice: int = Field(default=19, ge=0, le=19)

@@ -21,7 +21,7 @@ INHERIT = "inherit"
 
 
 def _thread_ids() -> list[int]:
-    """Ids of this process's threads; on Linux nice is a per-thread value."""
+    """Return the ids of this process's threads, since on Linux nice is a per-thread value."""
     try:
         return [int(name) for name in os.listdir("/proc/self/task")]
     except OSError:
@@ -29,16 +29,18 @@ def _thread_ids() -> list[int]:
 
 
 def set_node_priority(nice: int | str) -> int:
-    """Set every thread of this process to `nice`; return the nice value in effect.
+    """Set every thread of this process to `nice` and return the nice value in effect.
 
     Threads started later inherit it from the thread that starts them, and
     so do worker processes. A negative value needs CAP_SYS_NICE or a
     RLIMIT_NICE that allows it. Without either, the node keeps its priority
-    and logs a warning that names the setting and both ways out.
+    and logs a warning that names the setting and the fixes.
     """
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if nice == INHERIT or nice == current:
         return current
+    # The threads share credentials and, at start, one nice value. So a
+    # refusal comes at the first thread, before any value has changed.
     try:
         for tid in _thread_ids():
             try:
@@ -46,13 +48,8 @@ def set_node_priority(nice: int | str) -> int:
             except ProcessLookupError:
                 pass  # the thread ended after the listing
     except PermissionError:
-        for tid in _thread_ids():
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, current)
-            except OSError:
-                pass  # a thread that ended meanwhile, or one this process may not raise back
         logger.warning(
-            "Cannot set the node's CPU priority to nice %d (policy.node_nice): that needs CAP_SYS_NICE or an "
+            "Failed to set the node's CPU priority to nice %d (policy.node_nice): that needs CAP_SYS_NICE or an "
             "RLIMIT_NICE of at least %d, and this process has neither (RLIMIT_NICE %s). The node stays at nice %d, "
             "so interactive jobs may wait longer under load. Fix: grant the limit (systemd: LimitNICE=%d; shell: "
             "ulimit -e %d) or the capability, start the node at that value (systemd: Nice=%d), or set "
@@ -65,7 +62,7 @@ def set_node_priority(nice: int | str) -> int:
 
 
 def _nice_limit() -> str:
-    """This process's soft RLIMIT_NICE; the kernel lets it lower its nice value down to 20 minus the limit."""
+    """Return this process's soft RLIMIT_NICE as text. The kernel allows nice values down to 20 minus the limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
@@ -87,8 +84,9 @@ def set_worker_priority(nice: int | None, ionice: str, cpu_policy: str = "normal
         try:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
         except PermissionError:
-            # Only a value below the inherited one can be refused.
-            logger.warning("Cannot set the nice value of worker pid=%d to %d: permission denied", os.getpid(), nice)
+            # Without CAP_SYS_NICE the kernel rejects only a value below the inherited one.
+            logger.warning("Failed to set the nice value of worker pid=%d to %d: permission denied; it keeps nice %d",
+                           os.getpid(), nice, os.getpriority(os.PRIO_PROCESS, 0))
     if ionice == "none":
         return
     io_class = psutil.IOPRIO_CLASS_IDLE if ionice == "idle" else psutil.IOPRIO_CLASS_BE
