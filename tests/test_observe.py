@@ -243,6 +243,10 @@ def test_top_shows_tiers_and_progress(app, start_node, store_url):
     for value in range(5):
         assert basic.add.submit(value, 1).result(timeout=30) == value + 1
 
+    # The node stores a suspension with the resume that ends it, so the
+    # last ones may land a moment after the results.
+    wait_until(lambda: next(row for row in take_snapshot(app.store, app.settings).tiers
+                            if row.name == "bulk").preemptions_per_s > 0, message="suspensions stored")
     snapshot = take_snapshot(app.store, app.settings)
     frame = CliRunner().invoke(cli, ["top", "--once", "--store", store_url])
 

@@ -549,11 +549,10 @@ class Supervisor(ReclaimSteps):
         # worker left stopped would hang the next job given to it.
         if worker.held_stopped:
             worker.resume()
+        # The suspend hold starts at the next plan, after the outcome is stored
+        # and the waiter notified, so the caller reads its result on free cores.
+        # The kernel can run a resumed SCHED_IDLE worker ahead of that caller.
         self._dispatch_due = True
-        if worker.pool == INTERACTIVE_POOL:
-            # Let background work continue before the store write, since every
-            # millisecond it stays stopped is lost throughput.
-            self._preempt()
 
     def _record_outcome(self, job: Assignment, attempt: int, kind: str, result, error, traceback,
                         usage: Usage | None = None) -> tuple[bool, str]:
@@ -666,8 +665,14 @@ class Supervisor(ReclaimSteps):
         """Do what waited for the interactive pool to empty, or for DEFERRED_WORK_MAX_DELAY_S."""
         now = time.monotonic()
         interactive_running = self._interactive_running()
+        # Suspensions of workers still stopped for interactive work are stored
+        # with their resume, in one transaction.
+        stopped_for_interactive = any(
+            w.pool == BACKGROUND_POOL and w.held_stopped and not w.parked for w in self.workers
+        )
         if self._pending_suspensions and (
-            not interactive_running or now - self._pending_suspensions[0].recorded_at >= DEFERRED_WORK_MAX_DELAY_S
+            not (interactive_running or stopped_for_interactive)
+            or now - self._pending_suspensions[0].recorded_at >= DEFERRED_WORK_MAX_DELAY_S
         ):
             self._flush_suspensions()
         if self._background_due_since is not None and (
