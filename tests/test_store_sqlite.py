@@ -11,7 +11,7 @@ import pytest
 from makeway.errors import MakewayError, StoreError
 from makeway.store import JobState, NewJob, Outcome, open_store
 from makeway.store.base import SuspensionChange, Usage
-from makeway.store.sqlite import MIGRATIONS
+from makeway.store.sqlite import MIGRATIONS, RESTART_CHECKPOINT_PAGES, _Checkpointer
 
 NODE = "node-a"
 NAME = "tests.jobs:work"
@@ -869,3 +869,36 @@ def test_write_waits_for_other_writer(store, db_path):
     assert store.get("waited").state is JobState.QUEUED
     # It waited for the other writer rather than failing, and well within its busy timeout.
     assert 0.25 <= waited_s < 10
+
+
+def test_wal_restart_never_waits_for_readers(store, db_path):
+    # RESTART holds the writer lock while it waits, so waiting for a reader
+    # would keep every submission waiting too.
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE scratch (data BLOB)")
+    page_size = writer.execute("PRAGMA page_size").fetchone()[0]
+    writer.execute("BEGIN")
+    for _ in range(RESTART_CHECKPOINT_PAGES // 256 + 2):
+        writer.execute("INSERT INTO scratch VALUES (zeroblob(?))", (256 * page_size,))
+    writer.execute("COMMIT")
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM scratch").fetchone()
+    writer.execute("INSERT INTO scratch VALUES (zeroblob(1))")  # the reader's snapshot is now old
+    checkpointer = _Checkpointer(db_path, interval_s=3600)
+    try:
+        attempt = threading.Thread(target=checkpointer.checkpoint)
+        attempt.start()
+        attempt.join(timeout=10)
+        assert not attempt.is_alive(), "the checkpoint waited for a reader of an older snapshot"
+        reader.execute("COMMIT")
+
+        checkpointer.checkpoint()
+        writer.execute("INSERT INTO scratch VALUES (zeroblob(1))")
+        _, wal_pages, _ = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert wal_pages < 10  # the next writer started the WAL over
+    finally:
+        checkpointer.stop()
+        reader.close()
+        writer.close()

@@ -195,7 +195,9 @@ class _Checkpointer:
 
     def __init__(self, path: Path, interval_s: float):
         self._path = path
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        # No busy timeout: RESTART holds the writer lock while it waits for
+        # readers, so every submission and claim would wait with it.
+        self._db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
         self._interval_s = interval_s
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="makeway-wal-checkpoint", daemon=True)
@@ -203,18 +205,24 @@ class _Checkpointer:
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval_s):
-            try:
-                # PASSIVE never waits for readers or writers, so it cannot
-                # delay a claim. Frames it could not copy wait for the next run.
-                _, wal_pages, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                if wal_pages >= RESTART_CHECKPOINT_PAGES:
-                    # RESTART blocks writers while it copies the few frames
-                    # written since the passive run, then lets the next writer
-                    # start the WAL from its beginning.
-                    self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-            except sqlite3.Error as exc:
-                logging.getLogger(__name__).warning("WAL checkpoint of %s failed: %s; retrying in %.1f s",
-                                                    self._path, exc, self._interval_s)
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy WAL frames into the database, and start the WAL over once it is large and no reader needs it."""
+        try:
+            # PASSIVE never waits for readers or writers, so it cannot
+            # delay a claim. Frames it could not copy wait for the next run.
+            _, wal_pages, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if wal_pages >= RESTART_CHECKPOINT_PAGES:
+                # RESTART blocks writers while it copies the few frames
+                # written since the passive run, then lets the next writer
+                # start the WAL from its beginning. While a reader still
+                # uses an older snapshot it gives up at once, and the next
+                # run tries again.
+                self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        except sqlite3.Error as exc:
+            logging.getLogger(__name__).warning("WAL checkpoint of %s failed: %s; retrying in %.1f s",
+                                                self._path, exc, self._interval_s)
 
     def stop(self) -> None:
         self._stopped.set()
