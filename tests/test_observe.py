@@ -245,8 +245,11 @@ def test_top_shows_tiers_and_progress(app, start_node, store_url):
 
     # The node stores a suspension with the resume that ends it, so the
     # last ones may land a moment after the results.
-    wait_until(lambda: next(row for row in take_snapshot(app.store, app.settings).tiers
-                            if row.name == "bulk").preemptions_per_s > 0, message="suspensions stored")
+    def bulk_preempted() -> bool:
+        rows = take_snapshot(app.store, app.settings).tiers
+        return next(row for row in rows if row.name == "bulk").preemptions_per_s > 0
+
+    wait_until(bulk_preempted, message="suspensions stored")
     snapshot = take_snapshot(app.store, app.settings)
     frame = CliRunner().invoke(cli, ["top", "--once", "--store", store_url])
 
